@@ -1,0 +1,724 @@
+"""The DAPS image tokenizer: an image becomes L discrete codes and the codes become an image again.
+
+Reads top to bottom in the order the data flows (DAPS.md, "Reference architecture"):
+
+    pixels (B, C, H, W)
+      → patch embedding + sinusoidal positions          DapsPatchEncoder
+      → bidirectional transformer over the P patches     (memory, (B, P, d))
+      → code transformer, cross-attending to the memory  DapsCodeTransformer
+          autoregressive: causal over [BOS, z_1 … z_{L-1}] → logits of z_1 … z_L
+          parallel:       L learned queries              → logits (or latents) of every code at once
+      → codes (B, L)  (sampled or greedy; VQ/FSQ: quantised latents)
+      → decoder                                          DapsDecoder
+      → likelihood parameters: Bernoulli logits, or Gaussian mean and log-variance, (B, C, H, W)
+
+This file stands alone (torch, transformers and the configuration only) so that `save_pretrained` can ship it for
+`trust_remote_code` loading. Training lives in the `training` package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_daps import DapsConfig
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+@dataclass
+class DapsEncoderOutput(ModelOutput):
+    """Result of [`DapsModel.encode`].
+
+    Args:
+        codes (`torch.LongTensor` of shape `(B, L)`, or `(B, K, L)` when `num_samples=K` is given):
+            the codes, integers in `[0, codebook_size)`.
+        log_prob (`torch.FloatTensor` of shape `(B,)` or `(B, K)`):
+            log q(codes | x) in nats under the model at temperature 1, whatever temperature the codes were sampled
+            at: the rate. Deterministic quantisers (VQ, FSQ) put all mass on one code, so it is 0 for them.
+    """
+
+    codes: torch.LongTensor | None = None
+    log_prob: torch.FloatTensor | None = None
+
+
+@dataclass
+class DapsDecoderOutput(ModelOutput):
+    """Result of [`DapsModel.decode`].
+
+    Args:
+        pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)` or `(B, K, C, H, W)`):
+            the decoder's mean, in the same normalisation as the encoder's input (Bernoulli: [0, 1]; Gaussian:
+            the processor's normalisation, [-1, 1] by default).
+        logits (`torch.FloatTensor`, same shape, Bernoulli likelihood only): the Bernoulli logits.
+        log_variance (`torch.FloatTensor`, same shape, Gaussian likelihood only): per-pixel log-variance.
+    """
+
+    pixel_values: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    log_variance: torch.FloatTensor | None = None
+
+
+@dataclass
+class DapsModelOutput(ModelOutput):
+    """Result of [`DapsModel.forward`]: everything one DAPS training step needs from the model.
+
+    Args:
+        codes (`torch.LongTensor` of shape `(B, K, L)`): the given codes, or K codes sampled without gradient.
+        log_prob (`torch.FloatTensor` of shape `(B, K)`): teacher-forced log q(codes | x), with gradient.
+        reconstruction_log_likelihood (`torch.FloatTensor` of shape `(B, K)`): log p(x | codes), summed over
+            pixels and channels, with gradient.
+        reconstruction (`torch.FloatTensor` of shape `(B, K, C, H, W)`): the decoder's mean.
+    """
+
+    codes: torch.LongTensor | None = None
+    log_prob: torch.FloatTensor | None = None
+    reconstruction_log_likelihood: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """Fixed sinusoidal position table (length, dim), as in "Attention is all you need"."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class DapsMLP(nn.Module):
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        inner = int(config.hidden_size * config.mlp_ratio)
+        self.fc_in = nn.Linear(config.hidden_size, inner)
+        self.fc_out = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(hidden)))
+
+
+class DapsSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused q/k/v projection and an optional key/value cache."""
+
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, causal: bool = False, cache: "DapsLayerCache | None" = None,
+                position: int | None = None) -> torch.Tensor:
+        # hidden: (N, T, d). With a cache, T is the number of new positions, written at `position`.
+        n, t, d = hidden.shape
+        q, k, v = self.qkv(hidden).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            cache.keys[:, :, position : position + t] = k
+            cache.values[:, :, position : position + t] = v
+            k = cache.keys[:, :, : position + t]
+            v = cache.values[:, :, : position + t]
+            # Only t == 1 steps are cached: the new query may see every cached position, so no mask is needed.
+            causal = causal and t > 1
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out(attended.transpose(1, 2).reshape(n, t, d))
+
+
+class DapsCrossAttention(nn.Module):
+    """Attention from the code tokens to the patch features (the memory).
+
+    The K code sequences of one image share that image's memory. Rather than copying the memory K times, the
+    queries of the K sequences are laid side by side, (B·K, T, d) → (B, K·T, d): one attention call per image,
+    exact, since cross-attention has no mask.
+    """
+
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key_value = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # memory: (B, P, d) → keys, values: (B, heads, P, head_dim); computed once per image.
+        b, p, _ = memory.shape
+        k, v = self.key_value(memory).view(b, p, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, hidden: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        keys, values = memory_kv
+        b = keys.shape[0]
+        n, t, d = hidden.shape
+        q = self.query(hidden).reshape(b, (n // b) * t, self.num_heads, self.head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, keys, values)
+        return self.out(attended.transpose(1, 2).reshape(n, t, d))
+
+
+class DapsPatchLayer(nn.Module):
+    """Pre-LN bidirectional transformer layer over the patches."""
+
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        self.norm_attention = nn.LayerNorm(config.hidden_size)
+        self.attention = DapsSelfAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.hidden_size)
+        self.mlp = DapsMLP(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.attention(self.norm_attention(hidden))
+        return hidden + self.mlp(self.norm_mlp(hidden))
+
+
+class DapsCodeLayer(nn.Module):
+    """Pre-LN layer over the code tokens: self-attention (causal when autoregressive), cross-attention, MLP."""
+
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(config.hidden_size)
+        self.self_attention = DapsSelfAttention(config)
+        self.norm_cross = nn.LayerNorm(config.hidden_size)
+        self.cross_attention = DapsCrossAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.hidden_size)
+        self.mlp = DapsMLP(config)
+
+    def forward(self, hidden, memory_kv, causal: bool, cache=None, position=None):
+        hidden = hidden + self.self_attention(self.norm_self(hidden), causal=causal, cache=cache, position=position)
+        hidden = hidden + self.cross_attention(self.norm_cross(hidden), memory_kv)
+        return hidden + self.mlp(self.norm_mlp(hidden))
+
+
+@dataclass
+class DapsLayerCache:
+    """Preallocated self-attention keys and values of one code layer: (N, heads, L, head_dim) each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- encoder
+class DapsPatchEncoder(nn.Module):
+    """pixels (B, C, H, W) → patch features, the memory the code tokens attend to, (B, P, d)."""
+
+    def __init__(self, config: DapsConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.register_buffer(
+            "positions", sinusoidal_positions(config.num_patches, config.hidden_size), persistent=False
+        )
+        self.layers = nn.ModuleList([DapsPatchLayer(config) for _ in range(config.patch_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2) + self.positions
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.norm(hidden)
+
+
+class DapsCodeTransformer(nn.Module):
+    """The code tokens' transformer and its head.
+
+    Autoregressive: input t is the embedding of z_{t-1} (a dedicated BOS id V at t = 0), causal self-attention;
+    the head at t gives the logits of z_t. Parallel: input t is a learned query; the head gives every position
+    at once. The head's width is V for a categorical encoder, or the quantiser's latent size for VQ/FSQ.
+    """
+
+    def __init__(self, config: DapsConfig, head_size: int):
+        super().__init__()
+        self.autoregressive = config.encoder_type == "autoregressive"
+        if self.autoregressive:
+            # V codes plus the BOS id: BOS is never a code, so code 0 means the same in sampling and teacher forcing.
+            self.token_embedding = nn.Embedding(config.codebook_size + 1, config.hidden_size)
+        else:
+            self.queries = nn.Parameter(torch.zeros(config.num_tokens, config.hidden_size))
+        self.register_buffer(
+            "positions", sinusoidal_positions(config.num_tokens, config.hidden_size), persistent=False
+        )
+        self.layers = nn.ModuleList([DapsCodeLayer(config) for _ in range(config.code_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.head = nn.Linear(config.hidden_size, head_size)
+        self.bos_token_id = config.codebook_size
+
+    def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.cross_attention.memory_keys_values(memory) for layer in self.layers]
+
+    def teacher_forced(self, codes: torch.Tensor, memory_kv) -> torch.Tensor:
+        """codes (N, L) with N = B·K, sample-major within each image → head outputs (N, L, head_size)."""
+        bos = torch.full_like(codes[:, :1], self.bos_token_id)
+        hidden = self.token_embedding(torch.cat([bos, codes[:, :-1]], dim=1)) + self.positions
+        for layer, layer_kv in zip(self.layers, memory_kv):
+            hidden = layer(hidden, layer_kv, causal=True)
+        return self.head(self.norm(hidden))
+
+    def parallel(self, batch_size: int, memory_kv) -> torch.Tensor:
+        """Parallel encoder: head outputs of every position, (B, L, head_size)."""
+        hidden = (self.queries + self.positions).expand(batch_size, -1, -1)
+        for layer, layer_kv in zip(self.layers, memory_kv):
+            hidden = layer(hidden, layer_kv, causal=False)
+        return self.head(self.norm(hidden))
+
+    def new_cache(self, num_sequences: int, reference: torch.Tensor) -> list[DapsLayerCache]:
+        attention = self.layers[0].self_attention
+        shape = (num_sequences, attention.num_heads, self.positions.shape[0], attention.head_dim)
+        return [
+            DapsLayerCache(reference.new_empty(shape), reference.new_empty(shape)) for _ in self.layers
+        ]
+
+    def step(self, previous_codes: torch.Tensor, position: int, memory_kv, cache) -> torch.Tensor:
+        """One cached autoregressive step: previous codes (N,) (or BOS) → logits of position `position`, (N, V)."""
+        hidden = self.token_embedding(previous_codes)[:, None] + self.positions[position]
+        for layer, layer_kv, layer_cache in zip(self.layers, memory_kv, cache):
+            hidden = layer(hidden, layer_kv, causal=True, cache=layer_cache, position=position)
+        return self.head(self.norm(hidden))[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------- quantisers
+class DapsFiniteScalarQuantizer(nn.Module):
+    """FSQ: each latent dimension bounded and rounded to one of `levels[i]` values; the code is the mixed-radix index.
+
+    Runs in fp32 whatever the autocast context: rounding in bf16 would move codes.
+    """
+
+    def __init__(self, levels: list[int]):
+        super().__init__()
+        levels_tensor, basis = self.level_tensors(levels)
+        self.register_buffer("levels", levels_tensor, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    @staticmethod
+    def level_tensors(levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The levels and the mixed-radix basis that turns per-dimension indices into one code."""
+        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1]), dtype=torch.long), dim=0)
+        return torch.tensor(levels, dtype=torch.long), basis
+
+    @property
+    def dim(self) -> int:
+        return self.levels.numel()
+
+    def bound(self, latents: torch.Tensor) -> torch.Tensor:
+        # Map R → the open interval covering the levels, with an offset for even level counts (FSQ paper, §3).
+        half = (self.levels.float() - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(latents.float() + shift) * half - offset
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (..., D) → (values scaled to [-1, 1] with straight-through gradient, codes (...))."""
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            bounded = self.bound(latents)
+            rounded = bounded + (torch.round(bounded) - bounded).detach()
+            half_width = (self.levels // 2).float()
+            indices = (torch.round(bounded) + half_width).long().clamp(min=0)
+            indices = torch.minimum(indices, self.levels - 1)
+            codes = (indices * self.basis).sum(-1)
+            return rounded / half_width, codes
+
+    def codes_to_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (...) → quantised values in [-1, 1], (..., D)."""
+        indices = (codes[..., None] // self.basis) % self.levels
+        half_width = (self.levels // 2).float()
+        return (indices.float() - half_width) / half_width
+
+
+class DapsVectorQuantizer(nn.Module):
+    """VQ: the code is the index of the nearest codebook vector (fp32 distances)."""
+
+    def __init__(self, codebook_size: int, dim: int):
+        super().__init__()
+        self.codebook = nn.Embedding(codebook_size, dim)
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (..., D) → (nearest codebook vectors (..., D), codes (...)); no gradient trick here (training's job)."""
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            flat = latents.float().reshape(-1, latents.shape[-1])
+            weight = self.codebook.weight.float()
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ weight.t() + weight.pow(2).sum(1)[None]
+            codes = distances.argmin(dim=1).view(latents.shape[:-1])
+            return self.codebook(codes), codes
+
+    def codes_to_values(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.codebook(codes)
+
+
+# ----------------------------------------------------------------------------------------------- decoder
+class DapsResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.conv2(F.silu(self.conv1(F.silu(hidden))))
+
+
+def _grid_shape(num_tokens: int) -> tuple[int, int]:
+    """The most nearly square (rows, columns) grid holding exactly num_tokens cells."""
+    rows = max(r for r in range(1, int(math.isqrt(num_tokens)) + 1) if num_tokens % r == 0)
+    return rows, num_tokens // rows
+
+
+class DapsDecoder(nn.Module):
+    """Code embeddings (N, L, e) → likelihood parameters (N, out_channels, H, W).
+
+    conv: the L embeddings laid on a near-square grid, a 3×3 convolution, residual blocks, stride-2 transposed
+    convolutions until the grid reaches the image size (resampled exactly to it if the sizes are not powers of two
+    apart). mlp: the L embeddings concatenated, two hidden layers, one linear map to every pixel.
+    """
+
+    def __init__(self, config: DapsConfig, embedding_dim: int, out_channels: int):
+        super().__init__()
+        self.decoder_type = config.decoder_type
+        self.image_size = config.image_size
+        self.out_channels = out_channels
+        width = config.decoder_hidden_size
+        if config.decoder_type == "mlp":
+            self.mlp = nn.Sequential(
+                nn.Linear(config.num_tokens * embedding_dim, width), nn.GELU(),
+                nn.Linear(width, width), nn.GELU(),
+                nn.Linear(width, out_channels * config.image_size**2),
+            )
+        else:
+            self.grid = _grid_shape(config.num_tokens)
+            self.conv_in = nn.Conv2d(embedding_dim, width, 3, padding=1)
+            self.res_blocks = nn.Sequential(*[DapsResidualBlock(width) for _ in range(config.decoder_res_blocks)])
+            upsamplings = max(0, math.ceil(math.log2(config.image_size / min(self.grid))))
+            self.upsample = nn.ModuleList(
+                [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1) for _ in range(upsamplings)]
+            )
+            self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        n = embeddings.shape[0]
+        if self.decoder_type == "mlp":
+            return self.mlp(embeddings.reshape(n, -1)).view(n, self.out_channels, self.image_size, self.image_size)
+        rows, columns = self.grid
+        hidden = embeddings.transpose(1, 2).reshape(n, -1, rows, columns)
+        hidden = self.res_blocks(self.conv_in(hidden))
+        for upsample in self.upsample:
+            hidden = upsample(F.silu(hidden))
+        if hidden.shape[-2:] != (self.image_size, self.image_size):
+            hidden = F.interpolate(hidden, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return self.conv_out(F.silu(hidden))
+
+
+# ----------------------------------------------------------------------------------------------- the model
+class DapsPreTrainedModel(PreTrainedModel):
+    config_class = DapsConfig
+    base_model_prefix = "daps"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["DapsPatchLayer", "DapsCodeLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Non-persistent buffers are not in the checkpoint: from_pretrained builds the model on the meta device, so
+        # they must be (re)computed here or they would hold garbage after loading.
+        if isinstance(module, (DapsPatchEncoder, DapsCodeTransformer)):
+            init.copy_(module.positions, sinusoidal_positions(*module.positions.shape))
+        if isinstance(module, DapsCodeTransformer) and not module.autoregressive:
+            init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, DapsFiniteScalarQuantizer):
+            levels, basis = DapsFiniteScalarQuantizer.level_tensors(self.config.fsq_levels)
+            init.copy_(module.levels, levels)
+            init.copy_(module.basis, basis)
+
+
+class DapsModel(DapsPreTrainedModel):
+    """The DAPS tokenizer: `encode` images to codes, `decode` codes to images, and the two log-likelihoods training needs.
+
+    Example:
+        >>> model = DapsModel(DapsConfig.from_preset("tiny"))
+        >>> codes = model.encode(torch.rand(2, 3, 16, 16) * 2 - 1).codes      # (2, 4) LongTensor
+        >>> images = model.decode(codes).pixel_values                          # (2, 3, 16, 16)
+    """
+
+    def __init__(self, config: DapsConfig):
+        super().__init__(config)
+        config.validate_daps()
+        self.patch_encoder = DapsPatchEncoder(config)
+        if config.quantizer == "categorical":
+            head_size = config.codebook_size
+            # The conv decoder reads embeddings as channels; the MLP decoder concatenates L of them.
+            embedding_dim = config.decoder_hidden_size if config.decoder_type == "conv" else config.hidden_size
+            self.code_embedding = nn.Embedding(config.codebook_size, embedding_dim)
+        elif config.quantizer == "vq":
+            self.quantizer = DapsVectorQuantizer(config.codebook_size, config.vq_dim)
+            head_size = embedding_dim = config.vq_dim
+        else:
+            self.quantizer = DapsFiniteScalarQuantizer(config.fsq_levels)
+            head_size = embedding_dim = len(config.fsq_levels)
+        self.code_transformer = DapsCodeTransformer(config, head_size)
+        out_channels = config.num_channels * (2 if config.likelihood == "gaussian" else 1)
+        self.decoder = DapsDecoder(config, embedding_dim, out_channels)
+        self.post_init()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_pixel_values(self, pixel_values) -> None:
+        config = self.config
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor of shape (B, C, H, W), got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a float tensor (use DapsImageProcessor to convert images), got dtype {pixel_values.dtype}."
+            )
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be batched, of shape (B, {', '.join(map(str, expected))}), got shape "
+                f"{tuple(pixel_values.shape)}" + (" (add a batch axis with pixel_values[None])" if pixel_values.ndim == 3 else "") + "."
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values has an empty batch (B = 0).")
+        if pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels, but this model expects {config.num_channels} "
+                f"(shape (B, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)})."
+            )
+        if tuple(pixel_values.shape[2:]) != expected[1:]:
+            raise ValueError(
+                f"pixel_values has spatial size {tuple(pixel_values.shape[2:])}, but this model expects "
+                f"{expected[1:]}: resize with DapsImageProcessor (image_size={config.image_size})."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or infinite values.")
+        if config.likelihood == "bernoulli":
+            low, high = pixel_values.min().item(), pixel_values.max().item()
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"This model has a Bernoulli likelihood and expects pixel values in [0, 1], got values in "
+                    f"[{low:.3g}, {high:.3g}] (was the image normalised? use this model's DapsImageProcessor)."
+                )
+
+    def _check_codes(self, codes, batch_size: int | None = None) -> None:
+        config = self.config
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"codes must be a torch.LongTensor of shape (B, L) or (B, K, L), got {type(codes).__name__}.")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}.")
+        if codes.ndim not in (2, 3):
+            raise ValueError(
+                f"codes must have shape (B, L) or (B, K, L) with L = {config.num_tokens}, got shape {tuple(codes.shape)}."
+            )
+        if codes.shape[-1] != config.num_tokens:
+            raise ValueError(
+                f"codes must have {config.num_tokens} tokens in their last axis, got shape {tuple(codes.shape)}."
+            )
+        if codes.numel() == 0:
+            raise ValueError(f"codes is empty (shape {tuple(codes.shape)}).")
+        low, high = codes.min().item(), codes.max().item()
+        if low < 0 or high >= config.codebook_size:
+            raise ValueError(
+                f"codes must lie in [0, {config.codebook_size - 1}] (codebook_size {config.codebook_size}), "
+                f"got values in [{low}, {high}]."
+            )
+        if batch_size is not None and codes.shape[0] != batch_size:
+            raise ValueError(
+                f"codes have batch size {codes.shape[0]} but pixel_values has {batch_size}: they must match."
+            )
+
+    # ------------------------------------------------------------------ encoder side
+    def encode_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels (B, C, H, W) → patch features (B, P, d), the memory every code token attends to."""
+        return self.patch_encoder(pixel_values)
+
+    def code_logits(self, memory: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for a categorical encoder: memory (B, P, d), codes (B, K, L) → (B, K, L, V) fp32."""
+        b, k, length = codes.shape
+        memory_kv = self.code_transformer.memory_keys_values(memory)
+        if self.code_transformer.autoregressive:
+            logits = self.code_transformer.teacher_forced(codes.reshape(b * k, length), memory_kv)
+            return logits.float().view(b, k, length, -1)
+        # Parallel: the logits do not depend on the codes, so they are computed once per image.
+        return self.code_transformer.parallel(b, memory_kv).float()[:, None].expand(b, k, length, -1)
+
+    def _log_prob_from_memory(self, memory: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if self.config.quantizer != "categorical":
+            return torch.zeros(codes.shape[:2], device=codes.device)
+        log_probs = torch.log_softmax(self.code_logits(memory, codes), dim=-1)
+        return log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+
+    @torch.no_grad()
+    def _sample_from_memory(self, memory: torch.Tensor, num_samples: int | None, temperature: float,
+                            generator: torch.Generator | None, pixel_values: torch.Tensor | None = None):
+        """Codes (B, K, L) and their log q at temperature 1 (B, K); greedy when num_samples is None."""
+        b = memory.shape[0]
+        k = 1 if num_samples is None else num_samples
+        greedy = num_samples is None
+        if self.config.quantizer != "categorical":
+            latents = self.code_transformer.parallel(b, self.code_transformer.memory_keys_values(memory))
+            _, codes = self.quantizer.quantize(latents)
+            codes = codes[:, None].expand(b, k, -1).contiguous()
+            return codes, torch.zeros(b, k, device=memory.device)
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            # logits (..., V) in fp32. Gumbel-max at temperature τ samples softmax(logits / τ) exactly.
+            if greedy:
+                return logits.argmax(-1)
+            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+            gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
+            return (logits / temperature + gumbel).argmax(-1)
+
+        memory_kv = self.code_transformer.memory_keys_values(memory)
+        if not self.code_transformer.autoregressive:
+            logits = self.code_transformer.parallel(b, memory_kv).float()  # (B, L, V)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            codes = choose(logits[:, None].expand(b, k, -1, -1))
+            return codes, log_probs[:, None].expand(b, k, -1, -1).gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+
+        length = self.config.num_tokens
+        cache = self.code_transformer.new_cache(b * k, memory)
+        codes = torch.empty(b * k, length, dtype=torch.long, device=memory.device)
+        log_prob = torch.zeros(b * k, device=memory.device)
+        previous = torch.full((b * k,), self.config.bos_token_id, dtype=torch.long, device=memory.device)
+        for position in range(length):
+            logits = self.code_transformer.step(previous, position, memory_kv, cache).float()
+            previous = choose(logits)
+            codes[:, position] = previous
+            log_prob += torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
+        return codes.view(b, k, length), log_prob.view(b, k)
+
+    def encode(self, pixel_values: torch.Tensor, num_samples: int | None = None, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> DapsEncoderOutput:
+        """Images → codes.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): images as the processor returns them.
+            num_samples (`int`, *optional*): None (default) gives the greedy code, argmax at each step:
+                deterministic, codes `(B, L)`. An integer K draws K codes per image: codes `(B, K, L)`.
+            temperature (`float`): sampling temperature (> 0); ignored for greedy encoding.
+            generator (`torch.Generator`, *optional*): makes sampling reproducible.
+
+        Returns:
+            [`DapsEncoderOutput`] with `codes` (LongTensor) and `log_prob` (log q(codes | x) at temperature 1, nats).
+        """
+        self._check_pixel_values(pixel_values)
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+            raise ValueError(f"num_samples must be None (greedy) or an integer >= 1, got {num_samples!r}.")
+        if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        with torch.no_grad():
+            memory = self.encode_patches(pixel_values)
+            codes, log_prob = self._sample_from_memory(memory, num_samples, float(temperature), generator)
+        if num_samples is None:
+            codes, log_prob = codes[:, 0], log_prob[:, 0]
+        return DapsEncoderOutput(codes=codes, log_prob=log_prob)
+
+    def log_prob(self, pixel_values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log q(codes | x) in nats: codes (B, L) → (B,), or (B, K, L) → (B, K). Differentiable."""
+        self._check_pixel_values(pixel_values)
+        self._check_codes(codes, pixel_values.shape[0])
+        unbatched = codes.ndim == 2
+        codes = codes[:, None] if unbatched else codes
+        log_prob = self._log_prob_from_memory(self.encode_patches(pixel_values), codes.long())
+        return log_prob[:, 0] if unbatched else log_prob
+
+    # ------------------------------------------------------------------ decoder side
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, L) → the decoder's input embeddings (N, L, e)."""
+        if self.config.quantizer == "categorical":
+            return self.code_embedding(codes)
+        return self.quantizer.codes_to_values(codes).to(self.decoder_dtype)
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    def likelihood_parameters(self, embeddings: torch.Tensor) -> DapsDecoderOutput:
+        """Decoder input embeddings (N, L, e) → likelihood parameters, each (N, C, H, W)."""
+        output = self.decoder(embeddings).float()
+        if self.config.likelihood == "bernoulli":
+            return DapsDecoderOutput(pixel_values=torch.sigmoid(output), logits=output)
+        mean, raw = output.chunk(2, dim=1)
+        # Variance kept smoothly inside [min_variance, max_variance] (the reference clips it to [0.01, 1]).
+        low, high = math.log(self.config.min_variance), math.log(self.config.max_variance)
+        return DapsDecoderOutput(pixel_values=mean, log_variance=low + (high - low) * torch.sigmoid(raw))
+
+    def decode(self, codes: torch.Tensor) -> DapsDecoderOutput:
+        """Codes → images: codes (B, L) → (B, C, H, W), or (B, K, L) → (B, K, C, H, W).
+
+        Returns [`DapsDecoderOutput`]: `pixel_values` is the decoder's mean, in the input's normalisation.
+        """
+        self._check_codes(codes)
+        leading = codes.shape[:-1]
+        output = self.likelihood_parameters(self.embed_codes(codes.reshape(-1, codes.shape[-1]).long()))
+        return DapsDecoderOutput(**{
+            name: value.view(*leading, *value.shape[1:]) for name, value in output.items()
+        })
+
+    def log_likelihood(self, pixel_values: torch.Tensor, parameters: DapsDecoderOutput) -> torch.Tensor:
+        """log p(x | z) summed over channels and pixels: pixel_values (N, C, H, W) → (N,)."""
+        x = pixel_values.float()
+        if self.config.likelihood == "bernoulli":
+            return -F.binary_cross_entropy_with_logits(parameters.logits, x, reduction="none").flatten(1).sum(1)
+        log_variance = parameters.log_variance
+        squared = (x - parameters.pixel_values).pow(2) * torch.exp(-log_variance)
+        return -0.5 * (squared + log_variance + math.log(2 * math.pi)).flatten(1).sum(1)
+
+    def reconstruction_log_likelihood(self, pixel_values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """log p(x | codes) in nats, summed per image: codes (B, L) → (B,), or (B, K, L) → (B, K). Differentiable."""
+        self._check_pixel_values(pixel_values)
+        self._check_codes(codes, pixel_values.shape[0])
+        unbatched = codes.ndim == 2
+        codes = codes[:, None] if unbatched else codes
+        reward = self._reconstruction_log_likelihood(pixel_values, codes.long())[0]
+        return reward[:, 0] if unbatched else reward
+
+    def _reconstruction_log_likelihood(self, pixel_values, codes):
+        b, k, length = codes.shape
+        parameters = self.likelihood_parameters(self.embed_codes(codes.reshape(b * k, length)))
+        targets = pixel_values[:, None].expand(b, k, *pixel_values.shape[1:]).reshape(b * k, *pixel_values.shape[1:])
+        reward = self.log_likelihood(targets, parameters).view(b, k)
+        return reward, parameters.pixel_values.view(b, k, *pixel_values.shape[1:])
+
+    # ------------------------------------------------------------------ training entry point
+    def forward(self, pixel_values: torch.Tensor, codes: torch.Tensor | None = None, num_samples: int = 1,
+                temperature: float = 1.0, generator: torch.Generator | None = None,
+                targets: torch.Tensor | None = None) -> DapsModelOutput:
+        """One pass for a DAPS step: codes given, or K = `num_samples` codes sampled without gradient from the same
+        patch features; then teacher-forced log q and decoder log-likelihood, both with gradient.
+
+        Args:
+            pixel_values (`(B, C, H, W)`): the encoder's input.
+            codes (`(B, L)` or `(B, K, L)`, *optional*): codes to score; sampled when not given.
+            targets (`(B, C, H, W)`, *optional*): what the decoder's likelihood scores (e.g. a binarised image);
+                defaults to `pixel_values`.
+
+        Returns [`DapsModelOutput`] with every tensor carrying a K axis.
+        """
+        self._check_pixel_values(pixel_values)
+        if targets is not None:
+            self._check_pixel_values(targets)
+        memory = self.encode_patches(pixel_values)
+        if codes is None:
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+                raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+            codes, _ = self._sample_from_memory(memory.detach(), num_samples, float(temperature), generator)
+        else:
+            self._check_codes(codes, pixel_values.shape[0])
+            codes = (codes[:, None] if codes.ndim == 2 else codes).long()
+        log_prob = self._log_prob_from_memory(memory, codes)
+        reward, reconstruction = self._reconstruction_log_likelihood(
+            pixel_values if targets is None else targets, codes
+        )
+        return DapsModelOutput(
+            codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward, reconstruction=reconstruction
+        )
+
+
+__all__ = [
+    "DapsModel",
+    "DapsPreTrainedModel",
+    "DapsEncoderOutput",
+    "DapsDecoderOutput",
+    "DapsModelOutput",
+]
