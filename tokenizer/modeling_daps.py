@@ -84,6 +84,11 @@ class DapsModelOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------------- building blocks
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Probabilities and likelihoods are computed in fp32 (or fp64 for an fp64 model), never in bf16/fp16."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """Fixed sinusoidal position table (length, dim), as in "Attention is all you need"."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -537,9 +542,9 @@ class DapsModel(DapsPreTrainedModel):
         memory_kv = self.code_transformer.memory_keys_values(memory)
         if self.code_transformer.autoregressive:
             logits = self.code_transformer.teacher_forced(codes.reshape(b * k, length), memory_kv)
-            return logits.float().view(b, k, length, -1)
+            return _at_least_float32(logits).view(b, k, length, -1)
         # Parallel: the logits do not depend on the codes, so they are computed once per image.
-        return self.code_transformer.parallel(b, memory_kv).float()[:, None].expand(b, k, length, -1)
+        return _at_least_float32(self.code_transformer.parallel(b, memory_kv))[:, None].expand(b, k, length, -1)
 
     def _log_prob_from_memory(self, memory: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.config.quantizer != "categorical":
@@ -570,7 +575,7 @@ class DapsModel(DapsPreTrainedModel):
 
         memory_kv = self.code_transformer.memory_keys_values(memory)
         if not self.code_transformer.autoregressive:
-            logits = self.code_transformer.parallel(b, memory_kv).float()  # (B, L, V)
+            logits = _at_least_float32(self.code_transformer.parallel(b, memory_kv))  # (B, L, V)
             log_probs = torch.log_softmax(logits, dim=-1)
             codes = choose(logits[:, None].expand(b, k, -1, -1))
             return codes, log_probs[:, None].expand(b, k, -1, -1).gather(-1, codes[..., None]).squeeze(-1).sum(-1)
@@ -578,10 +583,10 @@ class DapsModel(DapsPreTrainedModel):
         length = self.config.num_tokens
         cache = self.code_transformer.new_cache(b * k, memory)
         codes = torch.empty(b * k, length, dtype=torch.long, device=memory.device)
-        log_prob = torch.zeros(b * k, device=memory.device)
+        log_prob = torch.zeros(b * k, device=memory.device, dtype=torch.promote_types(memory.dtype, torch.float32))
         previous = torch.full((b * k,), self.config.bos_token_id, dtype=torch.long, device=memory.device)
         for position in range(length):
-            logits = self.code_transformer.step(previous, position, memory_kv, cache).float()
+            logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
             previous = choose(logits)
             codes[:, position] = previous
             log_prob += torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
@@ -635,7 +640,7 @@ class DapsModel(DapsPreTrainedModel):
 
     def likelihood_parameters(self, embeddings: torch.Tensor) -> DapsDecoderOutput:
         """Decoder input embeddings (N, L, e) → likelihood parameters, each (N, C, H, W)."""
-        output = self.decoder(embeddings).float()
+        output = _at_least_float32(self.decoder(embeddings))
         if self.config.likelihood == "bernoulli":
             return DapsDecoderOutput(pixel_values=torch.sigmoid(output), logits=output)
         mean, raw = output.chunk(2, dim=1)
@@ -657,7 +662,7 @@ class DapsModel(DapsPreTrainedModel):
 
     def log_likelihood(self, pixel_values: torch.Tensor, parameters: DapsDecoderOutput) -> torch.Tensor:
         """log p(x | z) summed over channels and pixels: pixel_values (N, C, H, W) → (N,)."""
-        x = pixel_values.float()
+        x = pixel_values.to(parameters.pixel_values.dtype)
         if self.config.likelihood == "bernoulli":
             return -F.binary_cross_entropy_with_logits(parameters.logits, x, reduction="none").flatten(1).sum(1)
         log_variance = parameters.log_variance

@@ -1,0 +1,325 @@
+"""The tokenizer model: shapes, the KV cache, sampling, save/load, and bad inputs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import tokenizer  # noqa: F401  (registers the Auto classes)
+from tokenizer import DapsConfig, DapsModel
+from transformers import AutoConfig, AutoModel
+
+PRESETS = ["tiny", "mnist", "cifar", "imagenet"]
+
+
+def make_model(preset="tiny", **overrides):
+    torch.manual_seed(0)
+    return DapsModel(DapsConfig.from_preset(preset, **overrides)).eval()
+
+
+def random_images(config, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, config.num_channels, config.image_size, config.image_size, generator=g)
+    return x if config.likelihood == "bernoulli" else x * 2 - 1
+
+
+ENCODERS = {
+    "autoregressive": {},
+    "parallel": {"encoder_type": "parallel"},
+}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_default_config_is_the_cifar_preset():
+    default, cifar = DapsConfig(), DapsConfig.from_preset("cifar")
+    for key in ("image_size", "num_channels", "patch_size", "num_tokens", "codebook_size", "likelihood"):
+        assert getattr(default, key) == getattr(cifar, key)
+    assert default.bits_per_image == 576
+
+
+@pytest.mark.parametrize("preset,bits", [("mnist", 64), ("cifar", 576), ("imagenet", 10240)])
+def test_preset_bits_match_the_paper(preset, bits):
+    assert DapsConfig.from_preset(preset).bits_per_image == bits
+
+
+def test_overriding_image_size_and_channels_alone_gives_a_working_model():
+    model = DapsModel(DapsConfig(image_size=28, num_channels=1)).eval()
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    codes = model.encode(x).codes
+    assert codes.shape == (2, 64)
+    assert model.decode(codes).pixel_values.shape == (2, 1, 28, 28)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = DapsConfig.from_preset("mnist", codebook_size=128)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, DapsConfig)
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("_name_or_path", "transformers_version")}
+    assert strip(loaded.to_dict()) == strip(config.to_dict())
+    assert loaded.codebook_size == 128 and loaded.bits_per_image == 8 * 7
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("preset", PRESETS)
+def test_encode_decode_shapes_and_dtypes(preset):
+    model = make_model(preset)
+    config = model.config
+    batch = 1 if preset == "imagenet" else 2
+    x = random_images(config, batch)
+    with torch.no_grad():
+        enc = model.encode(x)
+        assert enc.codes.shape == (batch, config.num_tokens) and enc.codes.dtype == torch.long
+        assert enc.log_prob.shape == (batch,) and enc.log_prob.dtype == torch.float32
+        assert 0 <= enc.codes.min() and enc.codes.max() < config.codebook_size
+        dec = model.decode(enc.codes)
+        assert dec.pixel_values.shape == x.shape and dec.pixel_values.dtype == torch.float32
+        if preset != "imagenet":
+            sampled = model.encode(x, num_samples=3)
+            assert sampled.codes.shape == (batch, 3, config.num_tokens)
+            assert sampled.log_prob.shape == (batch, 3)
+            assert model.decode(sampled.codes).pixel_values.shape == (batch, 3, *x.shape[1:])
+            assert model.reconstruction_log_likelihood(x, sampled.codes).shape == (batch, 3)
+            assert model.log_prob(x, sampled.codes).shape == (batch, 3)
+
+
+def test_greedy_encoding_is_deterministic():
+    model = make_model("mnist")
+    x = random_images(model.config, 4)
+    first, second = model.encode(x), model.encode(x)
+    assert torch.equal(first.codes, second.codes)
+    assert torch.equal(first.log_prob, second.log_prob)
+
+
+def test_greedy_codes_are_the_argmax_at_each_step():
+    model = make_model("tiny")
+    x = random_images(model.config, 3)
+    codes = model.encode(x).codes
+    with torch.no_grad():
+        logits = model.code_logits(model.encode_patches(x), codes[:, None])[:, 0]
+    assert torch.equal(logits.argmax(-1), codes)
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+@pytest.mark.parametrize("preset", ["tiny", "mnist", "cifar"])
+def test_cached_log_prob_matches_teacher_forcing(encoder, preset):
+    model = make_model(preset, **ENCODERS[encoder])
+    x = random_images(model.config, 3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        greedy = model.encode(x)
+        sampled = model.encode(x, num_samples=4, generator=g)
+        torch.testing.assert_close(model.log_prob(x, greedy.codes), greedy.log_prob, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(model.log_prob(x, sampled.codes), sampled.log_prob, atol=1e-4, rtol=1e-6)
+
+
+def test_cached_log_prob_matches_teacher_forcing_in_float64():
+    # In float64 the cached and teacher-forced paths must agree to rounding: a cache bug cannot hide in tolerance.
+    model = make_model("cifar").double()
+    x = random_images(model.config, 2).double()
+    sampled = model.encode(x, num_samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.log_prob(x, sampled.codes), sampled.log_prob.double(), atol=1e-9, rtol=0)
+
+
+def test_teacher_forcing_is_causal():
+    # Changing a later code must not change the log-probabilities of earlier codes.
+    model = make_model("tiny")
+    x = random_images(model.config, 1)
+    codes = model.encode(x).codes
+    changed = codes.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % model.config.codebook_size
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        a = torch.log_softmax(model.code_logits(memory, codes[:, None]), -1)
+        b = torch.log_softmax(model.code_logits(memory, changed[:, None]), -1)
+    torch.testing.assert_close(a, b)  # logits at every position depend only on earlier codes
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def test_sampling_is_reproducible_with_a_generator():
+    model = make_model("mnist")
+    x = random_images(model.config, 3)
+    a = model.encode(x, num_samples=5, generator=torch.Generator().manual_seed(7))
+    b = model.encode(x, num_samples=5, generator=torch.Generator().manual_seed(7))
+    c = model.encode(x, num_samples=5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.codes, b.codes)
+    assert not torch.equal(a.codes, c.codes)
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_temperature_to_zero_gives_the_greedy_codes(encoder):
+    model = make_model("mnist", **ENCODERS[encoder])
+    x = random_images(model.config, 3)
+    greedy = model.encode(x)
+    cold = model.encode(x, num_samples=4, temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold.codes, greedy.codes[:, None].expand_as(cold.codes))
+    # log_prob is always the rate at temperature 1, whatever temperature the codes came from.
+    torch.testing.assert_close(cold.log_prob, greedy.log_prob[:, None].expand_as(cold.log_prob))
+
+
+def test_sample_frequencies_follow_the_model_distribution():
+    # One code, parallel encoder: the sampled frequencies must match softmax(logits).
+    model = make_model("tiny", encoder_type="parallel", num_tokens=4)
+    x = random_images(model.config, 1)
+    with torch.no_grad():
+        logits = model.code_transformer.parallel(1, model.code_transformer.memory_keys_values(model.encode_patches(x)))
+    probs = torch.softmax(logits[0, 0].float() * 1.0, -1)
+    codes = model.encode(x, num_samples=20000, generator=torch.Generator().manual_seed(0)).codes[0, :, 0]
+    freq = torch.bincount(codes, minlength=model.config.codebook_size).float() / codes.numel()
+    assert (freq - probs).abs().max() < 0.015
+
+
+# ----------------------------------------------------------------------------------------------- quantisers
+@pytest.mark.parametrize("overrides", [
+    {"quantizer": "fsq", "fsq_levels": [4, 4]},
+    {"quantizer": "vq"},
+])
+def test_deterministic_quantizers_give_integer_codes_and_zero_rate(overrides):
+    model = make_model("tiny", encoder_type="parallel", **overrides)
+    x = random_images(model.config, 3)
+    enc = model.encode(x)
+    assert enc.codes.dtype == torch.long and enc.codes.shape == (3, 4)
+    assert torch.equal(enc.log_prob, torch.zeros(3))
+    assert torch.equal(model.encode(x, num_samples=2).codes, enc.codes[:, None].expand(3, 2, 4))
+    assert model.decode(enc.codes).pixel_values.shape == x.shape
+
+
+def test_fsq_codes_round_trip_through_their_values():
+    # decode(codes) rebuilds the decoder's input from integer codes: it must equal the quantised values the decoder
+    # saw for those codes when they were produced from latents, and every code must be reachable.
+    model = make_model("tiny", encoder_type="parallel", quantizer="fsq", fsq_levels=[4, 4])
+    latents = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0)) * 3
+    values, codes = model.quantizer.quantize(latents)
+    torch.testing.assert_close(model.quantizer.codes_to_values(codes), values, atol=0, rtol=0)
+    assert set(codes.tolist()) == set(range(16))
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+def test_save_and_load_reproduce_outputs_exactly(tmp_path):
+    model = make_model("tiny")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert {"modeling_daps.py", "configuration_daps.py"} <= files
+    x = random_images(model.config, 3)
+    for loaded in (DapsModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, DapsModel)
+        loaded.eval()
+        a, b = model.encode(x), loaded.encode(x)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.log_prob, b.log_prob)
+        assert torch.equal(model.decode(a.codes).pixel_values, loaded.decode(a.codes).pixel_values)
+
+
+def test_fsq_model_save_and_load(tmp_path):
+    model = make_model("tiny", encoder_type="parallel", quantizer="fsq", fsq_levels=[4, 4])
+    model.save_pretrained(tmp_path)
+    loaded = DapsModel.from_pretrained(tmp_path).eval()
+    x = random_images(model.config, 3)
+    assert torch.equal(model.encode(x).codes, loaded.encode(x).codes)
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path):
+    model = make_model("tiny")
+    model.save_pretrained(tmp_path / "tok")
+    x = random_images(model.config, 2)
+    torch.save({"x": x, "codes": model.encode(x).codes, "pixels": model.decode(model.encode(x).codes).pixel_values},
+               tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "tokenizer" or name.startswith("tokenizer.") or name == "training":
+                    raise ImportError("package hidden for this test")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        try:
+            import tokenizer
+            raise SystemExit("the package should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(tmp_path / 'tok')!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        assert torch.equal(model.encode(expected["x"]).codes, expected["codes"])
+        assert torch.equal(model.decode(expected["codes"]).pixel_values, expected["pixels"])
+        print("remote code OK")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote code OK" in result.stdout
+
+
+def test_corrupt_checkpoint_raises_a_clear_error(tmp_path):
+    model = make_model("tiny")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception) as info:
+        DapsModel.from_pretrained(tmp_path)
+    assert "safetensors" in str(info.value).lower() or "header" in str(info.value).lower() or "deserializ" in str(info.value).lower()
+
+
+def test_mismatched_checkpoint_is_rejected(tmp_path):
+    make_model("tiny").save_pretrained(tmp_path)
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        DapsModel.from_pretrained(tmp_path, codebook_size=32)
+    assert "size" in str(info.value).lower() or "shape" in str(info.value).lower()
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def _bad_inputs():
+    model = make_model("tiny")
+    good = random_images(model.config, 2)
+    codes = model.encode(good).codes
+    cases = [
+        ("unbatched image", lambda: model.encode(good[0]), ValueError, "batch"),
+        ("wrong channels", lambda: model.encode(good[:, :1]), ValueError, "channels"),
+        ("wrong spatial size", lambda: model.encode(torch.zeros(2, 3, 8, 8)), ValueError, "spatial size"),
+        ("integer pixels", lambda: model.encode(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)), ValueError, "float"),
+        ("numpy pixels", lambda: model.encode(good.numpy()), TypeError, "torch.Tensor"),
+        ("NaN pixels", lambda: model.encode(torch.full_like(good, float("nan"))), ValueError, "NaN"),
+        ("inf pixels", lambda: model.encode(torch.full_like(good, float("inf"))), ValueError, "infinite"),
+        ("empty batch", lambda: model.encode(good[:0]), ValueError, "empty"),
+        ("num_samples 0", lambda: model.encode(good, num_samples=0), ValueError, "num_samples"),
+        ("num_samples float", lambda: model.encode(good, num_samples=2.0), ValueError, "num_samples"),
+        ("temperature 0", lambda: model.encode(good, num_samples=2, temperature=0.0), ValueError, "temperature"),
+        ("temperature nan", lambda: model.encode(good, num_samples=2, temperature=float("nan")), ValueError, "temperature"),
+        ("codes out of range", lambda: model.decode(codes + model.config.codebook_size), ValueError, "lie in"),
+        ("negative codes", lambda: model.decode(codes - 100), ValueError, "lie in"),
+        ("wrong code length", lambda: model.decode(codes[:, :2]), ValueError, "tokens"),
+        ("float codes", lambda: model.decode(codes.float()), TypeError, "integer"),
+        ("1-d codes", lambda: model.decode(codes[0]), ValueError, "shape"),
+        ("list codes", lambda: model.decode(codes.tolist()), TypeError, "LongTensor"),
+        ("batch mismatch", lambda: model.log_prob(good, codes[:1]), ValueError, "batch size"),
+        ("bernoulli range", lambda: make_model("tiny", likelihood="bernoulli").encode(good), ValueError, r"\[0, 1\]"),
+        ("image size not divisible", lambda: DapsConfig(image_size=30), ValueError, "divisible"),
+        ("heads do not divide width", lambda: DapsConfig(hidden_size=30, num_heads=4), ValueError, "num_heads"),
+        ("fsq levels mismatch", lambda: DapsConfig(encoder_type="parallel", quantizer="fsq", fsq_levels=[4, 4]), ValueError, "product"),
+        ("vq needs parallel", lambda: DapsConfig(quantizer="vq"), ValueError, "parallel"),
+        ("unknown preset", lambda: DapsConfig.from_preset("svhn"), ValueError, "presets"),
+        ("unknown likelihood", lambda: DapsConfig(likelihood="laplace"), ValueError, "likelihood"),
+        ("three channels only", lambda: DapsConfig(num_channels=4), ValueError, "num_channels"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda case: case[0])
+def test_bad_inputs_raise_clear_errors(case):
+    name, call, error, pattern = case
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_every_bad_input_message_names_expected_and_received():
+    model = make_model("tiny")
+    with pytest.raises(ValueError) as info:
+        model.encode(torch.zeros(2, 1, 16, 16))
+    message = str(info.value)
+    assert "1 channels" in message and "expects 3" in message

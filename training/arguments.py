@@ -1,0 +1,67 @@
+"""Arguments of `daps train`, one dataclass parsed by `transformers.HfArgumentParser`.
+
+Defaults marked "auto" are filled from the preset and the dataset by `resolve_defaults` (training/trainer.py), so
+`daps train` with no argument is a sensible run and every choice it made is written to the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS = ("daps", "daps-na", "vq", "fsq", "gumbel", "gumbel-na")
+
+# β schedules of the paper (DAPS.md, "β schedule"): start, end.
+BETA_SCHEDULES = {"mnist": (0.5, 0.01), "cifar": (6.0, 0.01), "imagenet": (50.0, 1.0), "tiny": (0.5, 0.01)}
+
+# The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.
+DATASET_PRESETS = {"mnist-5k": "mnist", "digits": "mnist", "faces": "mnist", "photo-crops": "cifar"}
+
+
+@dataclass
+class TrainArguments:
+    dataset: str = field(default="mnist-5k", metadata={"help": "Built-in name (mnist-5k, digits, photo-crops, faces), "
+                         "a local image folder, or a Hub dataset name."})
+    preset: str | None = field(default=None, metadata={"help": "Model preset (mnist, cifar, imagenet, tiny); "
+                               "default: chosen from the dataset, then adapted to its image size and channels."})
+    method: str = field(default="daps", metadata={"help": f"Training method: {', '.join(METHODS)}."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the tokenizer folder is written "
+                                   "(default: outputs/<method>-<dataset>)."})
+    max_steps: int = field(default=2000, metadata={"help": "Optimiser steps."})
+    max_time: float | None = field(default=None, metadata={"help": "Wall-clock budget in seconds; stops at whichever of "
+                                   "max_steps and max_time comes first (β then anneals on the clock)."})
+    batch_size: int = field(default=128, metadata={"help": "Images per optimiser step, over all processes."})
+    num_samples: int = field(default=8, metadata={"help": "K: codes sampled per image in a DAPS step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clipping (0 disables)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear learning-rate warm-up steps."})
+    beta_start: float | None = field(default=None, metadata={"help": "β at the start (default: the preset's)."})
+    beta_end: float | None = field(default=None, metadata={"help": "β at the end (default: the preset's)."})
+    eta_control: str = field(default="bisection", metadata={"help": "'bisection': solve mean ESS(η) = ρK exactly per "
+                             "batch; 'adam': the reference scheme (log η moved by its own Adam)."})
+    ess_target: float = field(default=0.33, metadata={"help": "ρ: target ESS as a fraction of K."})
+    initial_eta: float = field(default=100.0, metadata={"help": "Initial η (adam control)."})
+    eta_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of log η (adam control)."})
+    gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
+    gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
+    vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})
+    vq_restart_dead_codes: bool = field(default=True, metadata={"help": "VQ: re-seed unused codes from encoder outputs."})
+    fsq_levels: str | None = field(default=None, metadata={"help": "FSQ levels, e.g. '8,8,8' (default: about V codes)."})
+    num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
+    codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
+    patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize the dataset's images to this size."})
+    init_from: str | None = field(default=None, metadata={"help": "Start from a saved tokenizer folder (fine-tuning)."})
+    eval_every: int = field(default=250, metadata={"help": "Held-out evaluation every N steps (0: only at the end)."})
+    eval_images: int = field(default=500, metadata={"help": "Held-out images per periodic evaluation (all at the end)."})
+    save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in output_dir."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and sampling."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' (autocast; sampling stays fp32)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    log_with: str | None = field(default=None, metadata={"help": "An Accelerate tracker, e.g. 'tensorboard'."})
+    log_every: int = field(default=10, metadata={"help": "Write a JSONL log row every N steps."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})

@@ -1,0 +1,233 @@
+"""Training methods: each turns a batch into one scalar loss for the shared training loop.
+
+A method is an `nn.Module` that wraps the `DapsModel`, so that Accelerate/DDP sees one forward per step and
+synchronises every gradient the loss touches. `forward(pixel_values, targets, progress)` returns a dict with
+`loss` (a scalar with gradient) and scalar statistics for the log.
+
+- `DapsMethod` (daps, daps-na): DAPS.md "One training step", steps 1-8.
+- `VqMethod` (vq): VQ-VAE with straight-through gradients, codebook and commitment losses, dead-code restart.
+- `FsqMethod` (fsq): finite scalar quantisation with straight-through rounding.
+- `GumbelMethod` (gumbel, gumbel-na): Gumbel-Softmax with straight-through one-hots and an annealed temperature.
+
+All methods decode through the same decoder and score with the same likelihood, so they differ only in how the
+encoder learns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import objective
+
+
+def _reconstruction_log_likelihood(model, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Decoder input embeddings (N, L, e) → log p(targets | z), (N,)."""
+    return model.log_likelihood(targets, model.likelihood_parameters(embeddings))
+
+
+class DapsMethod(nn.Module):
+    """One DAPS step: K codes per image without gradient, rewards, ESS-controlled weights, weighted ML + decoder ML.
+
+    Args:
+        model: a `DapsModel` with a categorical quantizer (autoregressive for "daps", parallel for "daps-na").
+        num_samples: K.
+        eta_control: an η controller from `training.objective.make_eta_control`.
+        beta_schedule: a callable progress ∈ [0, 1] → β.
+        gather: a callable that concatenates a (B, K) tensor over processes (identity on one process), so η is
+            computed from the global batch and is the same on every process.
+    """
+
+    def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None):
+        super().__init__()
+        if model.config.quantizer != "categorical":
+            raise ValueError(f"DAPS needs a categorical encoder, got quantizer={model.config.quantizer!r}.")
+        self.model = model
+        self.num_samples = num_samples
+        self.eta_control = eta_control
+        self.beta_schedule = beta_schedule
+        self.gather = gather or (lambda tensor: tensor)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+        # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
+        output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
+        log_q = output.log_prob.float()                                  # ℓ_ik, (B, K), with gradient
+        rewards = output.reconstruction_log_likelihood.float()           # r_ik, (B, K), with gradient
+        beta = self.beta_schedule(progress)
+        # 8 (first half). η for this step from the global batch: solved exactly, or the controller's current value.
+        all_rewards, all_log_q = self.gather(rewards.detach()), self.gather(log_q.detach())
+        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta)
+        # 3-4. Advantages against the log-sum-exp baseline, log-weights (A − β ℓ)/(η + β), softmax over K.
+        weights = objective.daps_weights(rewards.detach(), log_q.detach(), beta, eta)
+        # 5-6. Weighted maximum likelihood for the encoder, Monte Carlo maximum likelihood for the decoder.
+        encoder_loss = objective.encoder_loss(log_q, weights)
+        decoder_loss = objective.decoder_loss(rewards)
+        ess = objective.effective_sample_size(weights).mean()
+        self._pending = (all_rewards, all_log_q, beta)
+        codes = output.codes
+        return {
+            "loss": encoder_loss + decoder_loss,
+            "encoder_loss": encoder_loss.detach(),
+            "decoder_loss": decoder_loss.detach(),
+            "ess": ess.detach(),
+            "ess_target": self.eta_control.rho * self.num_samples,
+            "eta": eta,
+            "beta": beta,
+            "kl_nats": (log_q.detach() + self.model.config.num_tokens * math.log(self.model.config.codebook_size)).mean(),
+            "code_usage": codes.unique().numel() / self.model.config.codebook_size,
+        }
+
+    def after_step(self) -> None:
+        """8 (second half): the reference control's Adam step on log η, after the weights of this step were used."""
+        rewards, log_q, beta = self._pending
+        self.eta_control.after_step(rewards, log_q, beta)
+
+    def state_dict_extra(self) -> dict:
+        return {"eta_control": self.eta_control.state_dict()}
+
+    def load_state_dict_extra(self, state: dict) -> None:
+        self.eta_control.load_state_dict(state["eta_control"])
+
+
+class FsqMethod(nn.Module):
+    """FSQ: bounded latents rounded per dimension, straight-through; the decoder's likelihood is the whole loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        if model.config.quantizer != "fsq":
+            raise ValueError(f"FsqMethod needs quantizer='fsq', got {model.config.quantizer!r}.")
+        self.model = model
+
+    def forward(self, pixel_values, targets, progress: float) -> dict:
+        model = self.model
+        memory = model.encode_patches(pixel_values)
+        latents = model.code_transformer.parallel(memory.shape[0], model.code_transformer.memory_keys_values(memory))
+        values, codes = model.quantizer.quantize(latents)
+        reward = _reconstruction_log_likelihood(model, values.to(latents.dtype), targets)
+        loss = -reward.mean()
+        return {"loss": loss, "decoder_loss": loss.detach(),
+                "code_usage": codes.unique().numel() / model.config.codebook_size}
+
+    def after_step(self) -> None:
+        pass
+
+
+class VqMethod(nn.Module):
+    """VQ-VAE: nearest codebook vector, straight-through gradient, codebook + β_c·commitment losses (per element,
+    as in van den Oord et al.), reconstruction as a per-pixel mean negative log-likelihood so the three terms keep
+    the paper's relative weights. Optionally re-seeds codes unused for a while from current encoder outputs."""
+
+    def __init__(self, model, commitment: float = 0.25, restart_dead_codes: bool = True, restart_after: int = 50):
+        super().__init__()
+        if model.config.quantizer != "vq":
+            raise ValueError(f"VqMethod needs quantizer='vq', got {model.config.quantizer!r}.")
+        self.model = model
+        self.commitment = commitment
+        self.restart_dead_codes = restart_dead_codes
+        self.restart_after = restart_after
+        self.register_buffer("steps_unused", torch.zeros(model.config.codebook_size, dtype=torch.long), persistent=False)
+        self._latents = None
+
+    def forward(self, pixel_values, targets, progress: float) -> dict:
+        model = self.model
+        memory = model.encode_patches(pixel_values)
+        latents = model.code_transformer.parallel(memory.shape[0], model.code_transformer.memory_keys_values(memory)).float()
+        quantized, codes = model.quantizer.quantize(latents)
+        codebook_loss = F.mse_loss(quantized, latents.detach())
+        commitment_loss = F.mse_loss(latents, quantized.detach())
+        straight_through = latents + (quantized - latents).detach()
+        reward = _reconstruction_log_likelihood(model, straight_through, targets)
+        pixels = targets[0].numel()
+        loss = -reward.mean() / pixels + codebook_loss + self.commitment * commitment_loss
+        used = torch.zeros_like(self.steps_unused, dtype=torch.bool)
+        used[codes.flatten()] = True
+        self.steps_unused = torch.where(used, 0, self.steps_unused + 1)
+        self._latents = latents.detach().reshape(-1, latents.shape[-1])
+        return {"loss": loss, "decoder_loss": (-reward.mean()).detach(), "codebook_loss": codebook_loss.detach(),
+                "commitment_loss": commitment_loss.detach(),
+                "code_usage": codes.unique().numel() / model.config.codebook_size}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if not self.restart_dead_codes or self._latents is None:
+            return
+        dead = (self.steps_unused >= self.restart_after).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        # Same choice on every process: the latents differ per process, so seed the pick by the step counter.
+        choice = torch.randint(0, self._latents.shape[0], (dead.numel(),),
+                               generator=torch.Generator().manual_seed(int(self.steps_unused.sum())))
+        self.model.quantizer.codebook.weight[dead] = self._latents[choice.to(self._latents.device)].to(
+            self.model.quantizer.codebook.weight.dtype)
+        self.steps_unused[dead] = 0
+
+
+def conditional_gumbel_perturbation(logits: torch.Tensor, codes: torch.Tensor, generator=None) -> torch.Tensor:
+    """Gumbel-perturbed logits (..., V) drawn conditionally on their argmax being `codes` (...): the "top-down"
+    construction (Maddison et al. 2014): the maximum is Gumbel(logsumexp), the others Gumbels truncated below it.
+    Differentiable in `logits`, so a relaxation of an already sampled code gets the right noise."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-20, 1 - 1e-7)
+    gumbels = logits - torch.log(-torch.log(uniform))
+    top = torch.logsumexp(logits, dim=-1, keepdim=True) - torch.log(-torch.log(uniform[..., :1]))
+    truncated = -torch.logaddexp(-top.expand_as(gumbels), -gumbels)
+    chosen = F.one_hot(codes, logits.shape[-1]).bool()
+    return torch.where(chosen, top.expand_as(logits), truncated)
+
+
+class GumbelMethod(nn.Module):
+    """Gumbel-Softmax with straight-through one-hots (forward hard, backward soft), temperature annealed
+    geometrically, and the β-weighted KL to the uniform prior computed analytically per token.
+
+    Autoregressive variant: the hard codes are sampled with the KV cache (Gumbel-max, the same draw the relaxation
+    uses), then one teacher-forced pass gives every position's logits with gradient. The gradient of a code's
+    relaxation into the *later positions' inputs* is not propagated (the inputs are the hard codes): a truncation
+    that keeps one pass per step instead of L sequential differentiable passes.
+    """
+
+    def __init__(self, model, beta_schedule, temperature_start: float = 1.0, temperature_end: float = 0.75):
+        super().__init__()
+        if model.config.quantizer != "categorical":
+            raise ValueError(f"Gumbel-Softmax needs a categorical encoder, got {model.config.quantizer!r}.")
+        self.model = model
+        self.beta_schedule = beta_schedule
+        self.temperature_start = temperature_start
+        self.temperature_end = temperature_end
+        self.generator: torch.Generator | None = None
+
+    def forward(self, pixel_values, targets, progress: float) -> dict:
+        model = self.model
+        config = model.config
+        temperature = self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
+        beta = self.beta_schedule(progress)
+        memory = model.encode_patches(pixel_values)
+        b = memory.shape[0]
+        if model.code_transformer.autoregressive:
+            codes, _ = model._sample_from_memory(memory.detach(), 1, 1.0, self.generator)
+            logits = model.code_logits(memory, codes)[:, 0]                  # (B, L, V), with gradient
+        else:
+            logits = model.code_transformer.parallel(b, model.code_transformer.memory_keys_values(memory)).float()
+        if model.code_transformer.autoregressive:
+            hard_codes = codes[:, 0]
+            perturbed = conditional_gumbel_perturbation(logits, hard_codes, self.generator)
+        else:
+            uniform = torch.rand(logits.shape, generator=self.generator, device=logits.device)
+            perturbed = logits - torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+            hard_codes = perturbed.argmax(-1)
+        soft = torch.softmax(perturbed / temperature, dim=-1)
+        hard = F.one_hot(hard_codes, config.codebook_size).to(soft.dtype)
+        one_hot = hard + soft - soft.detach()
+        embeddings = one_hot.to(model.code_embedding.weight.dtype) @ model.code_embedding.weight
+        reward = _reconstruction_log_likelihood(model, embeddings, targets)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        kl = (log_probs.exp() * log_probs).sum(-1).sum(-1) + config.num_tokens * math.log(config.codebook_size)
+        loss = (-reward + beta * kl).mean()
+        return {"loss": loss, "decoder_loss": (-reward.mean()).detach(), "kl_nats": kl.mean().detach(),
+                "temperature": temperature, "beta": beta,
+                "code_usage": hard_codes.unique().numel() / config.codebook_size}
+
+    def after_step(self) -> None:
+        pass

@@ -1,0 +1,378 @@
+"""The training loop: one Accelerate loop for DAPS and every baseline.
+
+batch → method forward (DAPS: K samples → rewards → weights → losses) → backward → clip → skip if non-finite →
+optimiser step → η/VQ bookkeeping → log, evaluate, checkpoint. At the end the output folder holds a complete
+tokenizer: config.json, model.safetensors, preprocessor_config.json, README.md (model card), metrics.json,
+reconstructions.png, training_curves.png, log.jsonl and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
+
+from . import objective
+from .arguments import BETA_SCHEDULES, DATASET_PRESETS, METHODS, TrainArguments
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
+from .data import EpochSampler, binarize, binarize_fixed, load_image_splits
+from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
+
+logger = logging.getLogger("daps")
+
+FSQ_LEVELS = {16: [4, 4], 64: [4, 4, 4], 256: [4, 4, 4, 4], 512: [8, 8, 8], 1000: [8, 5, 5, 5], 1024: [8, 8, 4, 4],
+              4096: [8, 8, 8, 8]}
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+def _largest_patch_size(image_size: int, wanted: int) -> int:
+    """The largest divisor of image_size not above `wanted` (at least 1)."""
+    return max(d for d in range(1, min(wanted, image_size) + 1) if image_size % d == 0)
+
+
+def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tuple[DapsConfig, list[str]]:
+    """The model configuration for this run: the preset, adapted to the data, with the method's encoder/quantiser.
+    Returns the configuration and the list of adaptations made (for the log)."""
+    notes = []
+    preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
+    config = DapsConfig.from_preset(preset)
+    changes: dict = {}
+    if image_size != config.image_size:
+        changes["image_size"] = image_size
+        notes.append(f"image_size {config.image_size} → {image_size} (the data's)")
+    if num_channels != config.num_channels:
+        changes["num_channels"] = num_channels
+        notes.append(f"num_channels {config.num_channels} → {num_channels} (the data's)")
+    patch = args.patch_size or config.patch_size
+    if image_size % patch != 0:
+        new_patch = _largest_patch_size(image_size, patch)
+        notes.append(f"patch_size {patch} → {new_patch} (must divide image_size {image_size})")
+        patch = new_patch
+    if patch != config.patch_size:
+        changes["patch_size"] = patch
+    for name in ("num_tokens", "codebook_size"):
+        if getattr(args, name):
+            changes[name] = getattr(args, name)
+    if args.method in ("daps-na", "gumbel-na", "vq", "fsq"):
+        changes["encoder_type"] = "parallel"
+    if args.method == "vq":
+        changes["quantizer"] = "vq"
+    if args.method == "fsq":
+        codebook_size = changes.get("codebook_size", config.codebook_size)
+        if args.fsq_levels:
+            levels = [int(v) for v in args.fsq_levels.split(",")]
+        elif codebook_size in FSQ_LEVELS:
+            levels = FSQ_LEVELS[codebook_size]
+        else:
+            raise ValueError(f"No default FSQ levels for codebook_size {codebook_size}; pass --fsq_levels, e.g. 8,8,8.")
+        changes.update(quantizer="fsq", fsq_levels=levels, codebook_size=math.prod(levels))
+        if math.prod(levels) != codebook_size:
+            notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (FSQ levels {levels})")
+    return replace_config(config, **changes), notes
+
+
+def replace_config(config: DapsConfig, **changes) -> DapsConfig:
+    values = {**config.to_dict(), **changes}
+    for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path", "dtype"):
+        values.pop(key, None)
+    return DapsConfig(**values)
+
+
+def resolve_defaults(args: TrainArguments) -> TrainArguments:
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}.")
+    if args.eta_control not in ("adam", "bisection"):
+        raise ValueError(f"--eta_control must be 'adam' or 'bisection', got {args.eta_control!r}.")
+    if args.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r}.")
+    for name in ("max_steps", "batch_size", "num_samples", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not 0 < args.ess_target <= 1:
+        raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
+    preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
+    beta_start, beta_end = BETA_SCHEDULES.get(preset, BETA_SCHEDULES["cifar"])
+    dataset_name = Path(args.dataset).name if os.path.isdir(args.dataset) else args.dataset.replace("/", "-")
+    return replace(
+        args,
+        beta_start=args.beta_start if args.beta_start is not None else beta_start,
+        beta_end=args.beta_end if args.beta_end is not None else beta_end,
+        gumbel_temperature_end=args.gumbel_temperature_end
+        if args.gumbel_temperature_end is not None else (0.1 if args.method == "gumbel-na" else 0.75),
+        output_dir=args.output_dir or os.path.join("outputs", f"{args.method}-{dataset_name}"),
+    )
+
+
+def to_model_input(images: torch.Tensor, config: DapsConfig) -> torch.Tensor:
+    """Images in [0, 1] → the model's normalisation (the processor's: [0, 1] Bernoulli, [-1, 1] Gaussian)."""
+    return images if config.likelihood == "bernoulli" else images * 2 - 1
+
+
+def build_method(args: TrainArguments, model: DapsModel, gather):
+    beta_schedule = objective.BetaSchedule(args.beta_start, args.beta_end, total_steps=1).at_progress
+    if args.method in ("daps", "daps-na"):
+        control = objective.make_eta_control(
+            args.eta_control, rho=args.ess_target, num_samples=args.num_samples,
+            initial_eta=args.initial_eta, lr=args.eta_learning_rate,
+        )
+        return DapsMethod(model, args.num_samples, control, beta_schedule, gather)
+    if args.method == "vq":
+        return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
+    if args.method == "fsq":
+        return FsqMethod(model)
+    return GumbelMethod(model, beta_schedule, args.gumbel_temperature_start, args.gumbel_temperature_end)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def train(args: TrainArguments) -> dict:
+    """Train a tokenizer as `args` says; returns the final held-out metrics (also written to metrics.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .evaluation import evaluate, reconstruct_examples
+    from .plots import save_reconstruction_grid, save_training_curves
+
+    args = resolve_defaults(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = latest_checkpoint(checkpoint_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        logger.warning("--resume given but no complete checkpoint in %s: starting from scratch.", checkpoint_dir)
+    if (not args.resume and not args.overwrite_output_dir and output_dir.is_dir()
+            and (output_dir / "log.jsonl").exists()):
+        raise ValueError(
+            f"Output directory {output_dir} already holds a training run. Pass --resume to continue it, "
+            f"--overwrite_output_dir to start over, or choose another --output_dir."
+        )
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.log_with,
+        project_dir=str(output_dir),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % (world * args.gradient_accumulation_steps) != 0:
+        raise ValueError(
+            f"--batch_size {args.batch_size} must be divisible by processes × accumulation steps "
+            f"({world} × {args.gradient_accumulation_steps})."
+        )
+    micro_batch = args.batch_size // args.gradient_accumulation_steps
+    set_seed(args.seed)
+
+    # ---- data and model
+    splits = load_image_splits(args.dataset, image_size=args.image_size, seed=args.seed)
+    if args.init_from:
+        model = DapsModel.from_pretrained(args.init_from)
+        if (model.config.image_size, model.config.num_channels) != (splits.image_size, splits.num_channels):
+            splits = load_image_splits(args.dataset, image_size=model.config.image_size,
+                                       num_channels=model.config.num_channels, seed=args.seed)
+        notes = [f"initialised from {args.init_from}"]
+    else:
+        config, notes = build_config(args, splits.image_size, splits.num_channels)
+        model = DapsModel(config)
+    config = model.config
+    processor = DapsImageProcessor.from_model_config(config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("Data: %s", splits.describe())
+        for note in notes:
+            logger.info("Configuration adapted: %s", note)
+        logger.info("Model: %d parameters, %d tokens × %d codes = %.0f bits per image",
+                    model.num_parameters(), config.num_tokens, config.codebook_size, config.bits_per_image)
+
+    gather = accelerator.gather if world > 1 else None
+    method = build_method(args, model, gather)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+    )
+    method, optimizer, scheduler = accelerator.prepare(method, optimizer, scheduler)
+    inner = accelerator.unwrap_model(method)
+    model = inner.model
+    sampler = EpochSampler(len(splits.train), args.batch_size, seed=args.seed)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + rank)
+    binarize_generator = torch.Generator(device="cpu").manual_seed(args.seed * 1000 + 500 + rank)
+    if hasattr(inner, "generator"):
+        inner.generator = generator
+    validation = splits.validation
+    validation_targets = binarize_fixed(validation, seed=0) if config.likelihood == "bernoulli" else None
+
+    step, elapsed, history, skipped = 0, 0.0, [], 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = load_trainer_state(resume_from)
+        step, elapsed, skipped = state["step"], state["elapsed"], state["skipped"]
+        history = state["history"]
+        sampler.load_state_dict(state["sampler"])
+        generator.set_state(state["generators"][rank]["sampling"])
+        binarize_generator.set_state(state["generators"][rank]["binarize"])
+        if hasattr(inner, "load_state_dict_extra"):
+            inner.load_state_dict_extra(state["method"])
+        if accelerator.is_main_process:
+            logger.info("Resumed from %s at step %d", resume_from, step)
+
+    run_config = {k: v for k, v in asdict(args).items()}
+    if args.log_with and accelerator.is_main_process:
+        accelerator.init_trackers("daps", config={k: v for k, v in run_config.items()
+                                                  if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / "log.jsonl"
+    if accelerator.is_main_process and resume_from is None:
+        log_path.write_text("")
+        write_json_atomic(output_dir / "train_args.json", {**run_config, "command": _command_line()})
+
+    def progress_of(step_now: int, seconds: float) -> float:
+        by_steps = step_now / args.max_steps
+        by_time = seconds / args.max_time if args.max_time else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def gather_state() -> list:
+        own = {"sampling": generator.get_state(), "binarize": binarize_generator.get_state()}
+        if world == 1:
+            return [own]
+        from accelerate.utils import gather_object
+        return gather_object([own])
+
+    def checkpoint():
+        states = gather_state()
+        trainer_state = {
+            "step": step, "elapsed": elapsed, "skipped": skipped, "history": history,
+            "sampler": sampler.state_dict(), "generators": states,
+            "method": inner.state_dict_extra() if hasattr(inner, "state_dict_extra") else {},
+        }
+        save_checkpoint(accelerator, checkpoint_dir, step, trainer_state, keep=args.keep_checkpoints)
+
+    def run_evaluation(final: bool = False) -> dict:
+        images = validation if final else validation[: args.eval_images]
+        targets = None if validation_targets is None else validation_targets[: len(images)]
+        beta = inner.beta_schedule(progress_of(step, elapsed)) if hasattr(inner, "beta_schedule") else 1.0
+        return evaluate(model, images.to(accelerator.device), beta=beta, batch_size=256,
+                        binarized_targets=None if targets is None else targets.to(accelerator.device),
+                        generator=torch.Generator(device=accelerator.device).manual_seed(1234))
+
+    bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
+               desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
+    model.train()
+    stop = False
+    while not stop and step < args.max_steps:
+        started = time.perf_counter()
+        indices = next(sampler)
+        local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
+        stats_sum: dict[str, float] = {}
+        for micro in range(args.gradient_accumulation_steps):
+            chunk = local[micro * (micro_batch // world):(micro + 1) * (micro_batch // world)]
+            images = splits.train[chunk]
+            pixel_values = to_model_input(images, config).to(accelerator.device)
+            targets = binarize(images, generator=binarize_generator).to(accelerator.device) \
+                if config.likelihood == "bernoulli" else pixel_values
+            with accelerator.accumulate(method):
+                with accelerator.autocast():
+                    out = method(pixel_values, targets, progress_of(step, elapsed))
+                accelerator.backward(out["loss"])
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = _grad_norm(model)
+                    finite = math.isfinite(grad_norm) and math.isfinite(out["loss"].item())
+                    if args.max_grad_norm > 0 and finite:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if finite:
+                        optimizer.step()
+                        scheduler.step()
+                    else:
+                        skipped += 1  # a non-finite update is dropped, never applied
+                    optimizer.zero_grad(set_to_none=True)
+            for key, value in out.items():
+                value = value.item() if isinstance(value, torch.Tensor) else value
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
+        inner.after_step()
+        step += 1
+        elapsed += time.perf_counter() - started
+        if args.max_time and elapsed >= args.max_time:
+            stop = True
+
+        row = {"step": step, "time": round(elapsed, 3), **{k: _round(v) for k, v in stats_sum.items()},
+               "grad_norm": _round(grad_norm), "lr": scheduler.get_last_lr()[0], "skipped": skipped}
+        bar.update(1)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "ess", "eta", "beta", "code_usage") if k in row},
+                        refresh=False)
+        if step % args.log_every == 0 or step == 1:
+            history.append(row)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            if args.log_with:
+                accelerator.log(row, step=step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps and not stop:
+            model.eval()
+            metrics = run_evaluation()
+            model.train()
+            eval_row = {"step": step, "time": round(elapsed, 3), **{f"eval/{k}": v for k, v in metrics.items()}}
+            history.append(eval_row)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(eval_row) + "\n")
+                bar.write(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, code usage {metrics['code_usage']:.2f}")
+            if args.log_with:
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps and not stop:
+            checkpoint()
+    bar.close()
+    checkpoint()
+
+    # ---- the finished tokenizer
+    model.eval()
+    metrics = run_evaluation(final=True)
+    metrics.update(
+        method=args.method, dataset=args.dataset, split="validation", steps=step,
+        wall_clock_seconds=round(elapsed, 2), steps_per_second=round(step / max(elapsed, 1e-9), 3),
+        skipped_updates=skipped, train_command=_command_line(),
+    )
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        originals, reconstructions = reconstruct_examples(model, validation.to(accelerator.device), n=8)
+        save_reconstruction_grid(originals, reconstructions, output_dir / "reconstructions.png",
+                                 title=f"{args.method}: held-out images (top) and reconstructions (bottom)")
+        save_training_curves(history + [{"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}],
+                             output_dir / "training_curves.png")
+        try:
+            from hub_cards import write_model_card
+            write_model_card(output_dir, train_command=metrics["train_command"])
+        except ImportError:  # pragma: no cover - hub_cards ships with the package
+            pass
+        logger.info("Held-out: PSNR %.2f dB, SSIM %.3f, code usage %.2f; written to %s",
+                    metrics["psnr"], metrics["ssim"], metrics["code_usage"], output_dir)
+    if args.log_with:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _grad_norm(model) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def _round(value):
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
+    return value
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("daps", "__main__.py", "cli.py") else []
+    return "daps " + " ".join(shlex.quote(a) for a in argv) if argv else "daps train"
