@@ -6,6 +6,7 @@ Importing this package registers the "daps" model type with `AutoConfig`, `AutoM
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_daps import PRESETS, DapsConfig
+from .dataset_tokenization import tokenize_dataset
 from .modeling_daps import DapsDecoderOutput, DapsEncoderOutput, DapsModel, DapsModelOutput, DapsPreTrainedModel
 
 try:  # written alongside; optional until it lands
@@ -31,4 +32,5 @@ __all__ = [
     "DapsDecoderOutput",
     "DapsModelOutput",
     "DapsImageProcessor",
+    "tokenize_dataset",
 ]
