@@ -554,7 +554,7 @@ class DapsModel(DapsPreTrainedModel):
 
     @torch.no_grad()
     def _sample_from_memory(self, memory: torch.Tensor, num_samples: int | None, temperature: float,
-                            generator: torch.Generator | None, pixel_values: torch.Tensor | None = None):
+                            generator: torch.Generator | None):
         """Codes (B, K, L) and their log q at temperature 1 (B, K); greedy when num_samples is None."""
         b = memory.shape[0]
         k = 1 if num_samples is None else num_samples
