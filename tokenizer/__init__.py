@@ -7,21 +7,16 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_daps import PRESETS, DapsConfig
 from .dataset_tokenization import tokenize_dataset
+from .image_processing_daps import DapsImageProcessor
 from .modeling_daps import DapsDecoderOutput, DapsEncoderOutput, DapsModel, DapsModelOutput, DapsPreTrainedModel
-
-try:  # written alongside; optional until it lands
-    from .image_processing_daps import DapsImageProcessor
-except ImportError:  # pragma: no cover
-    DapsImageProcessor = None
 
 AutoConfig.register("daps", DapsConfig, exist_ok=True)
 AutoModel.register(DapsConfig, DapsModel, exist_ok=True)
 # Saved folders carry `auto_map` and these code files, so they load with trust_remote_code=True anywhere.
 DapsConfig.register_for_auto_class()
 DapsModel.register_for_auto_class("AutoModel")
-if DapsImageProcessor is not None:
-    AutoImageProcessor.register(DapsConfig, slow_image_processor_class=DapsImageProcessor, exist_ok=True)
-    DapsImageProcessor.register_for_auto_class("AutoImageProcessor")
+AutoImageProcessor.register(DapsConfig, slow_image_processor_class=DapsImageProcessor, exist_ok=True)
+DapsImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "PRESETS",
