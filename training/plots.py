@@ -51,10 +51,24 @@ def save_reconstruction_grid(originals, reconstructions, path, *, title: str | N
     rows = {"original": _as_images("originals", originals), "reconstruction": _as_images("reconstructions", reconstructions)}
     for name, images in (extra_rows or {}).items():
         rows[str(name)] = _as_images(f"extra_rows[{name!r}]", images)
-    shape = rows["original"].shape
+    return _draw_rows(rows, path, title)
+
+
+def save_image_grid(images, path, *, columns: int = 8, title: str | None = None) -> Path:
+    """A PNG of `images` (N, C, H, W) in [0, 1], `columns` to a row (e.g. a prior's samples). Returns the path."""
+    images = _as_images("images", images)
+    rows = {f"{start}-{min(start + columns, len(images)) - 1}": images[start : start + columns]
+            for start in range(0, len(images), columns)}
+    return _draw_rows(rows, path, title)
+
+
+def _draw_rows(rows: dict[str, Tensor], path, title: str | None) -> Path:
+    """Named rows of images (each (N, C, H, W), equal C, H, W) tiled into one labelled PNG."""
+    first = next(iter(rows))
+    shape = rows[first].shape
     for name, images in rows.items():
         if images.shape[1:] != shape[1:]:
-            raise ValueError(f"Row {name!r} has images of shape {tuple(images.shape[1:])}, the originals "
+            raise ValueError(f"Row {name!r} has images of shape {tuple(images.shape[1:])}, the first row "
                              f"{tuple(shape[1:])}: every row must match.")
     columns = max(images.shape[0] for images in rows.values())
     channels, height, width = shape[1:]
