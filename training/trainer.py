@@ -303,12 +303,19 @@ def train(args: TrainArguments) -> dict:
         if args.max_time and elapsed >= args.max_time:
             stop = True
 
+        logging_now = step % args.log_every == 0 or step == 1
+        if world > 1 and logging_now:
+            # The log shows the global batch: statistics averaged over processes (every process reduces together).
+            keys = sorted(stats_sum)
+            values = accelerator.reduce(torch.tensor([stats_sum[k] for k in keys], device=accelerator.device,
+                                                     dtype=torch.float64), reduction="mean")
+            stats_sum = dict(zip(keys, values.tolist()))
         row = {"step": step, "time": round(elapsed, 3), **{k: _round(v) for k, v in stats_sum.items()},
                "grad_norm": _round(grad_norm), "lr": scheduler.get_last_lr()[0], "skipped": skipped}
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "ess", "eta", "beta", "code_usage") if k in row},
                         refresh=False)
-        if step % args.log_every == 0 or step == 1:
+        if logging_now:
             history.append(row)
             if accelerator.is_main_process:
                 with open(log_path, "a") as handle:

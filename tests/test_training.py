@@ -1,0 +1,188 @@
+"""The training loop: DAPS learns on digits, resumes exactly after SIGKILL, checkpoints are atomic, configs adapt."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenizer import DapsModel
+from training.arguments import TrainArguments
+from training.checkpoint import latest_checkpoint, save_checkpoint
+from training.data import load_image_splits
+from training.evaluation import evaluate
+from training.trainer import build_config, resolve_defaults, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path, **overrides) -> TrainArguments:
+    values = dict(dataset="digits", output_dir=str(tmp_path / "run"), max_steps=40, batch_size=32, num_samples=8,
+                  eval_every=0, save_every=0, progress=False, num_threads=1, log_every=1)
+    values.update(overrides)
+    return TrainArguments(**values)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("digits")
+    args = tiny_args(tmp_path, max_steps=150, batch_size=64)
+    metrics = train(args)
+    return args, metrics
+
+
+def test_short_daps_run_learns_and_tracks_the_ess_target(digits_run):
+    args, metrics = digits_run
+    folder = Path(args.output_dir)
+    splits = load_image_splits("digits")
+    trained = DapsModel.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    untrained = DapsModel(trained.config).eval()
+    from training.data import binarize_fixed
+    targets = binarize_fixed(splits.validation, seed=0)
+    before = evaluate(untrained, splits.validation, binarized_targets=targets)
+    after = evaluate(trained, splits.validation, binarized_targets=targets)
+    # Held-out reconstruction error falls well below the untrained model's.
+    assert after["mse"] < 0.6 * before["mse"], (before["mse"], after["mse"])
+    assert after["elbo_nats"] > before["elbo_nats"] + 5
+    # The exact η solve holds the mean ESS at ρK once rewards differ.
+    rows = [r for r in read_log(folder) if "ess" in r]
+    target = rows[-1]["ess_target"]
+    assert target == pytest.approx(0.33 * 8)
+    late = [r["ess"] for r in rows[-20:]]
+    assert abs(sum(late) / len(late) - target) < 0.15 * target, late
+
+
+def test_finished_run_leaves_a_complete_tokenizer_folder(digits_run):
+    args, metrics = digits_run
+    folder = Path(args.output_dir)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "metrics.json",
+                 "reconstructions.png", "training_curves.png", "log.jsonl"):
+        assert (folder / name).is_file(), name
+    assert latest_checkpoint(folder / "checkpoints") is not None
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["psnr"] == pytest.approx(metrics["psnr"]) and saved["steps"] == 150
+    assert not list(folder.rglob("*.pkl")) or all("checkpoints" in str(p) for p in folder.rglob("*.pkl"))
+
+
+def test_configuration_adapts_to_the_dataset():
+    args = resolve_defaults(TrainArguments(dataset="digits"))
+    config, notes = build_config(args, image_size=8, num_channels=1)
+    assert (config.image_size, config.num_channels, config.patch_size) == (8, 1, 4)
+    assert any("patch_size" in note for note in notes)
+    config, _ = build_config(resolve_defaults(TrainArguments(dataset="faces")), image_size=25, num_channels=1)
+    assert config.image_size == 25 and 25 % config.patch_size == 0
+    config, _ = build_config(resolve_defaults(TrainArguments(method="fsq")), image_size=28, num_channels=1)
+    assert config.quantizer == "fsq" and config.codebook_size == 256 and config.encoder_type == "parallel"
+
+
+def test_refuses_to_overwrite_a_previous_run(tmp_path):
+    args = tiny_args(tmp_path, max_steps=2)
+    train(args)
+    with pytest.raises(ValueError, match="--resume"):
+        train(args)
+
+
+def _train_command(output_dir, max_steps, extra=()):
+    return [sys.executable, "-m", "training", "train", "--dataset", "digits", "--output_dir", str(output_dir),
+            "--max_steps", str(max_steps), "--batch_size", "32", "--save_every", "5", "--eval_every", "0",
+            "--progress", "false", "--num_threads", "1", *extra]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_train_command(straight, 30), check=True, env=env, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(killed, 30), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = latest_checkpoint(killed / "checkpoints")
+        if found is not None and int(found.name.split("-")[1]) >= 10:
+            break
+        if process.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = int(latest_checkpoint(killed / "checkpoints").name.split("-")[1])
+    assert interrupted_at < 30
+    # Whatever was on disk at the kill is either a complete checkpoint or an ignored temporary folder.
+    for folder in (killed / "checkpoints").iterdir():
+        assert folder.name.startswith(".tmp-") or (folder / "COMPLETE").exists()
+
+    subprocess.run(_train_command(killed, 30, ["--resume", "true"]), check=True, env=env, capture_output=True,
+                   timeout=600)
+    a = load_file(str(straight / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _FailingAccelerator:
+    """Stands in for Accelerate: fails half-way through writing a checkpoint."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization=True):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+
+def test_a_failed_checkpoint_write_leaves_no_checkpoint(tmp_path):
+    with pytest.raises(OSError):
+        save_checkpoint(_FailingAccelerator(), tmp_path, 7, {"step": 7})
+    assert latest_checkpoint(tmp_path) is None
+    assert not (tmp_path / "step-00000007").exists()
+
+
+@pytest.mark.parametrize("method", ["daps-na", "vq", "fsq", "gumbel", "gumbel-na"])
+def test_every_method_trains_and_improves(tmp_path, method):
+    splits = load_image_splits("digits")
+    args = tiny_args(tmp_path, method=method, max_steps=60, batch_size=64, learning_rate=2e-3)
+    train(args)
+    model = DapsModel.from_pretrained(args.output_dir).eval()
+    assert model.config.bits_per_image == 64
+    codes = model.encode(splits.validation[:8]).codes
+    assert codes.dtype == torch.long and codes.shape == (8, 8)
+    rows = [r for r in read_log(args.output_dir) if "decoder_loss" in r]
+    first = sum(r["decoder_loss"] for r in rows[:5]) / 5
+    last = sum(r["decoder_loss"] for r in rows[-5:]) / 5
+    assert last < first * 0.9, (first, last)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--dataset", "digits", "--max_steps", "20", "--batch_size", "32", "--eval_every", "0",
+              "--save_every", "0", "--progress", "false", "--log_every", "1", "--method", "fsq"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "training", "train", *common, "--output_dir", str(one)],
+                   check=True, env=env, capture_output=True, timeout=900)
+    result = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training", "train", *common,
+                             "--output_dir", str(two)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses_one = [r["loss"] for r in read_log(one) if "loss" in r]
+    losses_two = [r["loss"] for r in read_log(two) if "loss" in r]
+    assert len(losses_one) == len(losses_two) == 20
+    # Same global batch, same data order: FSQ is deterministic, so the trajectories agree to float tolerance.
+    for a, b in zip(losses_one, losses_two):
+        assert abs(a - b) <= 1e-3 * abs(a) + 1e-3, (losses_one, losses_two)
