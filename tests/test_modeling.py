@@ -323,3 +323,42 @@ def test_every_bad_input_message_names_expected_and_received():
         model.encode(torch.zeros(2, 1, 16, 16))
     message = str(info.value)
     assert "1 channels" in message and "expects 3" in message
+
+
+# ----------------------------------------------------------------------------------------------- search encoding
+def test_best_of_n_shapes_and_determinism():
+    model = make_model("mnist")
+    x = random_images(model.config, 3)
+    a = model.encode(x, search="best-of-n", num_candidates=6, generator=torch.Generator().manual_seed(3))
+    b = model.encode(x, search="best-of-n", num_candidates=6, generator=torch.Generator().manual_seed(3))
+    assert a.codes.shape == (3, 8) and a.codes.dtype == torch.long and a.log_prob.shape == (3,)
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
+
+
+def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
+    torch.manual_seed(0)
+    model = make_model("mnist")
+    with torch.no_grad():  # a decoder that depends on its codes, so candidates differ
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    x = random_images(model.config, 6)
+    greedy = model.encode(x)
+    best = model.encode(x, search="best-of-n", num_candidates=12, generator=torch.Generator().manual_seed(0))
+    greedy_score = model.reconstruction_log_likelihood(x, greedy.codes)
+    best_score = model.reconstruction_log_likelihood(x, best.codes)
+    assert (best_score >= greedy_score - 1e-4).all()
+    assert (best_score > greedy_score + 1e-3).any()  # with 12 candidates, some image finds a better code
+    candidates = model.encode(x, num_samples=12, generator=torch.Generator().manual_seed(0)).codes
+    assert (best_score >= model.reconstruction_log_likelihood(x, candidates).max(1).values - 1e-4).all()
+
+
+def test_best_of_n_rejects_bad_arguments():
+    model = make_model("tiny")
+    x = random_images(model.config, 1)
+    with pytest.raises(ValueError, match="search"):
+        model.encode(x, search="beam")
+    with pytest.raises(ValueError, match="num_candidates"):
+        model.encode(x, search="best-of-n", num_candidates=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.encode(x, search="best-of-n", num_samples=2)

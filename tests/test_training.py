@@ -176,7 +176,7 @@ def test_two_processes_match_one_process(tmp_path):
     two = tmp_path / "two"
     subprocess.run([sys.executable, "-m", "training", "train", *common, "--output_dir", str(one)],
                    check=True, env=env, capture_output=True, timeout=900)
-    result = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training", "train", *common,
                              "--output_dir", str(two)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

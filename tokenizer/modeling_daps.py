@@ -611,7 +611,8 @@ class DapsModel(DapsPreTrainedModel):
         return codes.view(b, k, length), log_prob.view(b, k)
 
     def encode(self, pixel_values: torch.Tensor, num_samples: int | None = None, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> DapsEncoderOutput:
+               generator: torch.Generator | None = None, search: str | None = None,
+               num_candidates: int = 16) -> DapsEncoderOutput:
         """Images → codes.
 
         Args:
@@ -620,6 +621,11 @@ class DapsModel(DapsPreTrainedModel):
                 deterministic, codes `(B, L)`. An integer K draws K codes per image: codes `(B, K, L)`.
             temperature (`float`): sampling temperature (> 0); ignored for greedy encoding.
             generator (`torch.Generator`, *optional*): makes sampling reproducible.
+            search (`str`, *optional*): "best-of-n" draws `num_candidates` codes per image (at `temperature`), adds
+                the greedy code, decodes them all and keeps the one whose reconstruction log-likelihood
+                log p(x | z) is highest: codes `(B, L)`, never worse than greedy by that measure. A categorical
+                encoder allows this; a deterministic quantiser has one candidate. Costs `num_candidates + 1` decodes.
+            num_candidates (`int`): sampled candidates for "best-of-n".
 
         Returns:
             [`DapsEncoderOutput`] with `codes` (LongTensor) and `log_prob` (log q(codes | x) at temperature 1, nats).
@@ -629,12 +635,34 @@ class DapsModel(DapsPreTrainedModel):
             raise ValueError(f"num_samples must be None (greedy) or an integer >= 1, got {num_samples!r}.")
         if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        if search is not None:
+            if search != "best-of-n":
+                raise ValueError(f"search must be None or 'best-of-n', got {search!r}.")
+            if num_samples is not None:
+                raise ValueError("search='best-of-n' returns one code per image: leave num_samples unset.")
+            if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+                raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}.")
         with torch.no_grad():
             memory = self.encode_patches(pixel_values)
             codes, log_prob = self._sample_from_memory(memory, num_samples, float(temperature), generator)
+            if search == "best-of-n":
+                return self._best_of_n(pixel_values, memory, codes, log_prob, num_candidates, float(temperature),
+                                       generator)
         if num_samples is None:
             codes, log_prob = codes[:, 0], log_prob[:, 0]
         return DapsEncoderOutput(codes=codes, log_prob=log_prob)
+
+    def _best_of_n(self, pixel_values, memory, greedy_codes, greedy_log_prob, num_candidates, temperature, generator):
+        """Among the greedy code and `num_candidates` samples, the code of highest log p(x | z), per image."""
+        if self.config.quantizer != "categorical":
+            return DapsEncoderOutput(codes=greedy_codes[:, 0], log_prob=greedy_log_prob[:, 0])
+        sampled, sampled_log_prob = self._sample_from_memory(memory, num_candidates, temperature, generator)
+        candidates = torch.cat([greedy_codes, sampled], dim=1)                      # (B, 1 + N, L)
+        candidate_log_prob = torch.cat([greedy_log_prob, sampled_log_prob], dim=1)  # (B, 1 + N)
+        scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates)   # (B, 1 + N)
+        best = scores.argmax(dim=1)  # ties go to the first, the greedy code
+        rows = torch.arange(candidates.shape[0], device=best.device)
+        return DapsEncoderOutput(codes=candidates[rows, best], log_prob=candidate_log_prob[rows, best])
 
     def log_prob(self, pixel_values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log q(codes | x) in nats: codes (B, L) → (B,), or (B, K, L) → (B, K). Differentiable."""

@@ -42,6 +42,8 @@ class TrainArguments:
     ess_target: float = field(default=0.33, metadata={"help": "ρ: target ESS as a fraction of K."})
     initial_eta: float = field(default=100.0, metadata={"help": "Initial η (adam control)."})
     eta_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of log η (adam control)."})
+    decoder_weighting: str = field(default="uniform", metadata={"help": "DAPS decoder loss: 'uniform' (Monte Carlo over "
+                                   "all K samples, the paper's) or 'posterior' (weighted by the DAPS weights w)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

@@ -41,8 +41,12 @@ class DapsMethod(nn.Module):
             computed from the global batch and is the same on every process.
     """
 
-    def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None):
+    def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
+                 decoder_weighting: str = "uniform"):
         super().__init__()
+        if decoder_weighting not in ("uniform", "posterior"):
+            raise ValueError(f"decoder_weighting must be 'uniform' or 'posterior', got {decoder_weighting!r}.")
+        self.decoder_weighting = decoder_weighting
         if model.config.quantizer != "categorical":
             raise ValueError(f"DAPS needs a categorical encoder, got quantizer={model.config.quantizer!r}.")
         self.model = model
@@ -65,7 +69,12 @@ class DapsMethod(nn.Module):
         weights = objective.daps_weights(rewards.detach(), log_q.detach(), beta, eta)
         # 5-6. Weighted maximum likelihood for the encoder, Monte Carlo maximum likelihood for the decoder.
         encoder_loss = objective.encoder_loss(log_q, weights)
-        decoder_loss = objective.decoder_loss(rewards)
+        if self.decoder_weighting == "uniform":
+            decoder_loss = objective.decoder_loss(rewards)
+        else:
+            # Fit the decoder to the improved posterior q* (the same weights the encoder is pulled towards) rather
+            # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
+            decoder_loss = -(weights * rewards).sum(-1).mean()
         ess = objective.effective_sample_size(weights).mean()
         self._pending = (all_rewards, all_log_q, beta)
         codes = output.codes

@@ -125,7 +125,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
             args.eta_control, rho=args.ess_target, num_samples=args.num_samples,
             initial_eta=args.initial_eta, lr=args.eta_learning_rate,
         )
-        return DapsMethod(model, args.num_samples, control, beta_schedule, gather)
+        return DapsMethod(model, args.num_samples, control, beta_schedule, gather,
+                          decoder_weighting=args.decoder_weighting)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
