@@ -11,34 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tokenizer import DapsImageProcessor, DapsModel, tokenize_dataset
 from tokenizer.prior_utils import codes_to_prior_input_ids, prior_vocab_size
-from training.data import load_image_splits
 
-
-def images_to_dataset(images: torch.Tensor, labels: torch.Tensor | None) -> datasets.Dataset:
-    """Float images (N, C, H, W) in [0, 1] → a datasets.Dataset with PIL images (and labels)."""
-    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    pictures = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-    columns = {"image": pictures}
-    if labels is not None:
-        columns["label"] = labels.tolist()
-    return datasets.Dataset.from_dict(columns)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tokenize_dataset import builtin_as_dataset  # noqa: E402  (the example beside this one)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="A saved tokenizer folder.")
-    parser.add_argument("--dataset", default="mnist-5k", help="A built-in dataset, an image folder, or a Hub name.")
+    parser.add_argument("--dataset", default="mnist-5k", help="A built-in dataset (mnist-5k, digits, faces, photo-crops).")
     parser.add_argument("--tokenized", default=None, help="A dataset saved by `daps tokenize` (skips tokenizing).")
     parser.add_argument("--output-dir", default="outputs/prior")
     parser.add_argument("--max-steps", type=int, default=2000)
@@ -57,8 +49,8 @@ def main(argv=None) -> dict:
     if args.tokenized:
         tokenized = datasets.load_from_disk(args.tokenized)
     else:
-        splits = load_image_splits(args.dataset, image_size=config.image_size, num_channels=config.num_channels)
-        tokenized = tokenize_dataset(images_to_dataset(splits.train, splits.train_labels), model, processor)
+        tokenized = tokenize_dataset(builtin_as_dataset(args.dataset, config.image_size, config.num_channels),
+                                     model, processor)
     use_labels = not args.no_labels and "label" in tokenized.column_names
     num_classes = int(max(tokenized["label"])) + 1 if use_labels else 0
     codes = torch.tensor(np.asarray(tokenized["codes"], dtype=np.int64))

@@ -1,0 +1,219 @@
+"""Quality at equal bits and equal wall-clock: DAPS against the baselines, same data, decoder, loop and evaluation.
+
+    python benchmarks/quality.py --setting mnist --budget 300            # every method, 5 CPU-minutes each
+    python benchmarks/quality.py --setting cifar --budget 600 --methods daps fsq vq
+    python benchmarks/quality.py --setting mnist --ablation --budget 150  # DAPS levers at equal wall-clock
+    python benchmarks/quality.py --quick                                   # smoke check, a few minutes
+
+Each run is `daps train` in its own process with one torch thread (two side by side on a 2-core machine do not
+slow each other, DESIGN.md), stopped by `--max_time` (training time only: periodic evaluations are not charged).
+Final figures are on the held-out **test** split, which nothing is tuned on; the validation split gives the
+PSNR-against-time curves. Writes `benchmarks/results/<name>.json`, `<name>.md` and PNGs; RESULTS.md cites them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SETTINGS = {
+    # name: dataset, preset, extra training arguments (same for every method)
+    "mnist": ("mnist-5k", "mnist", ["--batch_size", "128"]),
+    "cifar": ("photo-crops", "cifar", ["--batch_size", "32"]),
+    "digits": ("digits", "mnist", ["--batch_size", "64"]),
+}
+METHODS = ["daps", "daps-na", "fsq", "vq", "gumbel", "gumbel-na"]
+
+# DAPS levers, each one change from the default recipe, measured at equal wall-clock (issue: make DAPS win).
+ABLATION = {
+    "default": [],
+    "eta=adam(ref: η0 100, lr 1e-3)": ["--eta_control", "adam"],
+    "eta=adam(η0 1, lr 0.05)": ["--eta_control", "adam", "--initial_eta", "1", "--eta_learning_rate", "0.05"],
+    "K=4": ["--num_samples", "4"],
+    "K=16": ["--num_samples", "16"],
+    "rho=0.1": ["--ess_target", "0.1"],
+    "decoder on q* (posterior weights)": ["--decoder_weighting", "posterior"],
+    "lr 3e-3": ["--learning_rate", "3e-3"],
+    "beta 0.1→0.01": ["--beta_start", "0.1"],
+}
+
+
+def run_one(name: str, dataset: str, preset: str, extra: list[str], budget: float, seed: int, out: Path,
+            eval_every: int, threads: int) -> Path:
+    folder = out / name.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(":", "") \
+        .replace(",", "").replace("→", "-").replace("*", "star").replace("=", "-") / f"seed{seed}"
+    command = [sys.executable, "-m", "training", "train", "--dataset", dataset, "--preset", preset,
+               "--max_time", str(budget), "--max_steps", "10000000", "--output_dir", str(folder),
+               "--eval_every", str(eval_every), "--eval_images", "500", "--save_every", "0", "--progress", "false",
+               "--num_threads", str(threads), "--seed", str(seed), "--overwrite_output_dir", "true", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"seed{seed}.log", "w") as log:
+        subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return folder
+
+
+def test_metrics(folder: Path, dataset: str, num_candidates: int) -> dict:
+    """Held-out test-split metrics: greedy codes, one sample, and best-of-n search for categorical encoders."""
+    from tokenizer import DapsModel
+    from training.data import binarize_fixed, load_image_splits
+    from training.evaluation import evaluate, psnr, to_unit_range
+    from training.trainer import to_model_input
+
+    model = DapsModel.from_pretrained(folder).eval()
+    config = model.config
+    splits = load_image_splits(dataset, image_size=config.image_size, num_channels=config.num_channels)
+    images = splits.test
+    targets = binarize_fixed(images, seed=0) if config.likelihood == "bernoulli" else None
+    metrics = evaluate(model, images, binarized_targets=targets, generator=torch.Generator().manual_seed(0))
+    if config.quantizer == "categorical":
+        values, started = [], time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        for start in range(0, len(images), 128):
+            batch = images[start:start + 128]
+            codes = model.encode(to_model_input(batch, config), search="best-of-n", num_candidates=num_candidates,
+                                 generator=generator).codes
+            reconstruction = to_unit_range(model.decode(codes).pixel_values, config.likelihood)
+            values.append(psnr(reconstruction, batch))
+        metrics[f"psnr_best_of_{num_candidates}"] = torch.cat(values).mean().item()
+        metrics["best_of_n_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def curve(folder: Path) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return [(row["time"], row["eval/psnr"]) for row in rows if "eval/psnr" in row]
+
+
+def time_to_reach(points: list[tuple[float, float]], level: float) -> float | None:
+    for seconds, value in points:
+        if value >= level:
+            return seconds
+    return None
+
+
+def fmt(values: list[float | None], digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="mnist")
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--ablation", action="store_true", help="Run the DAPS levers instead of the methods.")
+    parser.add_argument("--budget", type=float, default=300, help="Training seconds per run.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--parallel", type=int, default=2, help="Runs side by side (one thread each).")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=None, help="Validation curve every N steps.")
+    parser.add_argument("--num-candidates", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="60 s per run, mnist, four methods: a smoke check.")
+    parser.add_argument("--name", default=None, help="Results name (default: setting[-ablation]-budget).")
+    args = parser.parse_args()
+    if args.quick:
+        args.budget, args.setting = 60, "mnist"
+        args.methods = args.methods or ["daps", "fsq", "vq", "gumbel-na"]
+    dataset, preset, extra = SETTINGS[args.setting]
+    if args.ablation:
+        runs = {name: extra + change for name, change in ABLATION.items()}
+    else:
+        runs = {method: extra + ["--method", method] for method in (args.methods or METHODS)}
+    name = args.name or f"{args.setting}{'-ablation' if args.ablation else ''}-{int(args.budget)}s"
+    out = REPO / "benchmarks" / "runs" / name
+    results_dir = REPO / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    eval_every = args.eval_every or (200 if args.setting in ("mnist", "digits") else 20)
+
+    jobs = [(run, seed) for run in runs for seed in args.seeds]
+    print(f"{len(jobs)} runs of {args.budget:.0f} s, {args.parallel} at a time, {args.threads} thread(s) each")
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {job: pool.submit(run_one, job[0], dataset, preset, runs[job[0]], args.budget, job[1], out,
+                                    eval_every, args.threads) for job in jobs}
+        folders = {job: future.result() for job, future in futures.items()}
+
+    table = {}
+    for run in runs:
+        per_seed = []
+        for seed in args.seeds:
+            folder = folders[(run, seed)]
+            metrics = test_metrics(folder, dataset, args.num_candidates)
+            train_metrics = json.loads((folder / "metrics.json").read_text())
+            per_seed.append({**metrics, "steps": train_metrics["steps"],
+                             "train_seconds": train_metrics["wall_clock_seconds"], "curve": curve(folder)})
+        table[run] = per_seed
+        print(run, fmt([m["psnr"] for m in per_seed]), "dB")
+
+    # The compute question: time for each method to reach the best baseline's final (validation) PSNR.
+    baselines = [r for r in runs if r in ("fsq", "vq", "gumbel", "gumbel-na")]
+    reference = max((statistics.mean(m["curve"][-1][1] for m in table[r]) for r in baselines), default=None) \
+        if baselines and all(table[r][0]["curve"] for r in baselines) else None
+
+    lines = [f"### {name}", "",
+             f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` — {date.today()}, {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__}, {args.threads} thread(s) per run, {args.parallel} runs side by side, "
+             f"{args.budget:.0f} s of training each, seeds {args.seeds}. Dataset `{dataset}`, preset `{preset}`; "
+             f"held-out **test** split; PSNR on [0, 1] images.", ""]
+    search_key = f"psnr_best_of_{args.num_candidates}"
+    lines += ["| run | steps | test PSNR greedy (dB) | PSNR 1 sample | PSNR best-of-" + str(args.num_candidates)
+              + " | SSIM | β-ELBO (nats) | −ELBO (bits) | code usage | perplexity | s to reach ref |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, per_seed in table.items():
+        reach = [time_to_reach(m["curve"], reference) if reference is not None else None for m in per_seed]
+        lines.append("| " + " | ".join([
+            run, fmt([m["steps"] for m in per_seed], 0), fmt([m["psnr"] for m in per_seed]),
+            fmt([m["psnr_sampled"] for m in per_seed]), fmt([m.get(search_key) for m in per_seed]),
+            fmt([m["ssim"] for m in per_seed], 3), fmt([m.get("beta_elbo_nats") for m in per_seed], 1),
+            fmt([m.get("neg_elbo_bits") for m in per_seed], 1), fmt([m["code_usage"] for m in per_seed], 3),
+            fmt([m["code_perplexity"] for m in per_seed], 1),
+            ("never" if reference is not None and all(r is None for r in reach) else fmt(reach, 0)),
+        ]) + " |")
+    if reference is not None:
+        lines += ["", f"Reference for the last column: the best baseline's final validation PSNR, {reference:.2f} dB."]
+    markdown = "\n".join(lines) + "\n"
+    (results_dir / f"{name}.md").write_text(markdown)
+    (results_dir / f"{name}.json").write_text(json.dumps({"command": sys.argv, "runs": table}, indent=1))
+
+    from training.plots import save_psnr_vs_time, save_reconstruction_grid
+
+    save_psnr_vs_time({run: table[run][0]["curve"] for run in runs}, results_dir / f"{name}-psnr-vs-time.png",
+                      title=f"{name}: held-out PSNR against training seconds")
+    from tokenizer import DapsModel
+    from training.data import load_image_splits
+    from training.evaluation import reconstruct_examples
+
+    first = folders[(next(iter(runs)), args.seeds[0])]
+    config = DapsModel.from_pretrained(first).config
+    images = load_image_splits(dataset, image_size=config.image_size, num_channels=config.num_channels).test[:10]
+    rows = {}
+    for run in runs:
+        _, reconstruction = reconstruct_examples(DapsModel.from_pretrained(folders[(run, args.seeds[0])]).eval(),
+                                                 images, n=10)
+        rows[run] = reconstruction
+    first_run = next(iter(runs))
+    save_reconstruction_grid(images, rows.pop(first_run), results_dir / f"{name}-reconstructions.png",
+                             title=f"{name}: test images, then each run's reconstruction (row 2: {first_run})",
+                             extra_rows=rows)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
