@@ -71,6 +71,8 @@ class DapsConfig(PretrainedConfig):
             a per-pixel learned variance).
         min_variance, max_variance: range of the Gaussian decoder's variance.
         initializer_range: standard deviation of the weight initialisation.
+        head_initializer_range: standard deviation of the code head's weights (default: `initializer_range`); a
+            small value starts the encoder near the uniform distribution while the layers below it are x-dependent.
     """
 
     model_type = "daps"
@@ -97,6 +99,7 @@ class DapsConfig(PretrainedConfig):
     min_variance: float = 0.01
     max_variance: float = 1.0
     initializer_range: float = 0.02
+    head_initializer_range: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -450,6 +450,8 @@ class DapsPreTrainedModel(PreTrainedModel):
             init.copy_(module.positions, sinusoidal_positions(*module.positions.shape))
         if isinstance(module, DapsCodeTransformer) and not module.autoregressive:
             init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, DapsCodeTransformer) and self.config.head_initializer_range is not None:
+            init.normal_(module.head.weight, mean=0.0, std=self.config.head_initializer_range)
         if isinstance(module, DapsFiniteScalarQuantizer):
             levels, basis = DapsFiniteScalarQuantizer.level_tensors(self.config.fsq_levels)
             init.copy_(module.levels, levels)

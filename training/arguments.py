@@ -52,6 +52,8 @@ class TrainArguments:
     num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})
+    initializer_range: float | None = field(default=None, metadata={"help": "Override the weight initialisation std."})
+    head_initializer_range: float | None = field(default=None, metadata={"help": "Override the code head's init std."})
     image_size: int | None = field(default=None, metadata={"help": "Resize the dataset's images to this size."})
     init_from: str | None = field(default=None, metadata={"help": "Start from a saved tokenizer folder (fine-tuning)."})
     eval_every: int = field(default=250, metadata={"help": "Held-out evaluation every N steps (0: only at the end)."})

@@ -135,15 +135,20 @@ def load_image_splits(
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a dataset name or a folder path (str), got {type(name_or_path).__name__}.")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0):
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size <= 0):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}.")
     if num_channels is not None and (isinstance(num_channels, bool) or num_channels not in (1, 3)):
         raise ValueError(f"num_channels must be 1, 3 or None, got {num_channels!r}.")
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer))
+                                   or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     seed = int(seed)
+    image_size = None if image_size is None else int(image_size)
+    num_channels = None if num_channels is None else int(num_channels)
+    max_images = None if max_images is None else int(max_images)
     name = os.fspath(name_or_path)
 
     if name in BUILTIN_DATASETS:
@@ -152,7 +157,7 @@ def load_image_splits(
         return _load_folder(name, image_size=image_size, num_channels=num_channels, seed=seed,
                             image_column=image_column, label_column=label_column, max_images=max_images)
     if _looks_like_path(name):
-        raise ValueError(f"could not load dataset {name!r}: no such directory, and it is not a built-in dataset "
+        raise ValueError(f"could not load dataset {name!r}: it is not an existing directory, nor a built-in dataset "
                          f"({', '.join(BUILTIN_DATASETS)}) or a Hub dataset name.")
     return _load_hub(name, image_size=image_size, num_channels=num_channels, seed=seed,
                      image_column=image_column, label_column=label_column, max_images=max_images)
@@ -392,10 +397,14 @@ def _value_to_array(value: Any) -> np.ndarray:
         array = np.asarray(value)
         if array.dtype == np.uint8:
             array = array.astype(np.float32) / 255.0
+        elif np.issubdtype(array.dtype, np.integer):  # e.g. uint8 pixels stored by Arrow as int64 lists
+            if array.size and (array.min() < 0 or array.max() > 255):
+                raise ValueError(f"an integer image array must hold 0..255, got {array.min()}..{array.max()}")
+            array = array.astype(np.float32) / 255.0
         elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
             array = array.astype(np.float32)
         else:
-            raise ValueError(f"an image array must be uint8, bool or float, got {array.dtype}")
+            raise ValueError(f"an image array must be integer (0..255), bool or float, got {array.dtype}")
         if array.ndim == 2:
             array = array[None]
         elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3, 4):

@@ -60,7 +60,7 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         patch = new_patch
     if patch != config.patch_size:
         changes["patch_size"] = patch
-    for name in ("num_tokens", "codebook_size"):
+    for name in ("num_tokens", "codebook_size", "initializer_range", "head_initializer_range"):
         if getattr(args, name):
             changes[name] = getattr(args, name)
     if args.method in ("daps-na", "gumbel-na", "vq", "fsq"):
@@ -175,12 +175,13 @@ def train(args: TrainArguments) -> dict:
     set_seed(args.seed)
 
     # ---- data and model
-    splits = load_image_splits(args.dataset, image_size=args.image_size, seed=args.seed)
+    # Splits are fixed (seed 0) whatever the run's seed, so every run is evaluated on the same unseen images.
+    splits = load_image_splits(args.dataset, image_size=args.image_size, seed=0)
     if args.init_from:
         model = DapsModel.from_pretrained(args.init_from)
         if (model.config.image_size, model.config.num_channels) != (splits.image_size, splits.num_channels):
             splits = load_image_splits(args.dataset, image_size=model.config.image_size,
-                                       num_channels=model.config.num_channels, seed=args.seed)
+                                       num_channels=model.config.num_channels, seed=0)
         notes = [f"initialised from {args.init_from}"]
     else:
         config, notes = build_config(args, splits.image_size, splits.num_channels)
