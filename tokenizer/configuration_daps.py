@@ -22,22 +22,23 @@ PRESETS: dict[str, dict] = {
     "mnist": dict(
         image_size=28, num_channels=1, patch_size=7, num_tokens=8, codebook_size=256,
         hidden_size=64, num_heads=4, patch_layers=1, code_layers=2,
-        decoder_type="mlp", decoder_hidden_size=512, likelihood="bernoulli",
+        decoder_type="mlp", decoder_hidden_size=512, likelihood="bernoulli", initializer_range=0.125,
     ),
     "cifar": dict(
         image_size=32, num_channels=3, patch_size=4, num_tokens=64, codebook_size=512,
         hidden_size=128, num_heads=4, patch_layers=2, code_layers=2,
-        decoder_type="conv", decoder_hidden_size=128, likelihood="gaussian",
+        decoder_type="conv", decoder_hidden_size=128, likelihood="gaussian", initializer_range=0.088,
     ),
     "imagenet": dict(
         image_size=256, num_channels=3, patch_size=8, num_tokens=1024, codebook_size=1024,
         hidden_size=128, num_heads=4, patch_layers=2, code_layers=2,
-        decoder_type="conv", decoder_hidden_size=128, likelihood="gaussian",
+        decoder_type="conv", decoder_hidden_size=128, likelihood="gaussian", initializer_range=0.088,
     ),
     "tiny": dict(
         image_size=16, num_channels=3, patch_size=4, num_tokens=4, codebook_size=16,
         hidden_size=32, num_heads=2, patch_layers=1, code_layers=1,
         decoder_type="conv", decoder_hidden_size=16, decoder_res_blocks=1, likelihood="gaussian",
+        initializer_range=0.18,
     ),
 }
 
@@ -70,9 +71,13 @@ class DapsConfig(PretrainedConfig):
         likelihood: "bernoulli" (pixels in [0, 1], binarised digits) or "gaussian" (pixels normalised to [-1, 1],
             a per-pixel learned variance).
         min_variance, max_variance: range of the Gaussian decoder's variance.
-        initializer_range: standard deviation of the weight initialisation.
-        head_initializer_range: standard deviation of the code head's weights (default: `initializer_range`); a
-            small value starts the encoder near the uniform distribution while the layers below it are x-dependent.
+        initializer_range: standard deviation of the weight initialisation; the presets use about
+            1/sqrt(hidden_size). With transformers' usual 0.02 at these small widths the sinusoidal positions swamp
+            the patch and cross-attention signal, so the initial encoder is the same for every image and DAPS has
+            nothing to reinforce (measured: benchmarks/RESULTS.md, ablation "init 0.02").
+        head_initializer_range: standard deviation of the code head's weights (None: `initializer_range`). Small,
+            so the encoder starts near the uniform distribution (maximal entropy, every code explored) while the
+            layers below it already depend on the image; a large head start collapses q to one code per position.
     """
 
     model_type = "daps"
@@ -98,8 +103,8 @@ class DapsConfig(PretrainedConfig):
     likelihood: str = "gaussian"
     min_variance: float = 0.01
     max_variance: float = 1.0
-    initializer_range: float = 0.02
-    head_initializer_range: float | None = None
+    initializer_range: float = 0.088
+    head_initializer_range: float | None = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -444,6 +444,13 @@ class DapsPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            # Convolutions keep their activations' scale (LeCun normal, std 1/sqrt(fan-in)) whatever
+            # initializer_range says: a fixed std would blow the conv decoder's output up or shrink it to nothing.
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            fan_in = module.in_channels * kernel // (module.stride[0] * module.stride[1] if isinstance(
+                module, nn.ConvTranspose2d) else 1)
+            init.normal_(module.weight, mean=0.0, std=fan_in**-0.5)
         # Non-persistent buffers are not in the checkpoint: from_pretrained builds the model on the meta device, so
         # they must be (re)computed here or they would hold garbage after loading.
         if isinstance(module, (DapsPatchEncoder, DapsCodeTransformer)):

@@ -30,7 +30,8 @@ class TrainArguments:
     max_time: float | None = field(default=None, metadata={"help": "Wall-clock budget in seconds; stops at whichever of "
                                    "max_steps and max_time comes first (β then anneals on the clock)."})
     batch_size: int = field(default=128, metadata={"help": "Images per optimiser step, over all processes."})
-    num_samples: int = field(default=8, metadata={"help": "K: codes sampled per image in a DAPS step."})
+    num_samples: int = field(default=4, metadata={"help": "K: codes sampled per image in a DAPS step (paper: 8; 4 "
+                             "learned faster per CPU-second here, benchmarks/RESULTS.md)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clipping (0 disables)."})
@@ -42,8 +43,9 @@ class TrainArguments:
     ess_target: float = field(default=0.33, metadata={"help": "ρ: target ESS as a fraction of K."})
     initial_eta: float = field(default=100.0, metadata={"help": "Initial η (adam control)."})
     eta_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of log η (adam control)."})
-    decoder_weighting: str = field(default="uniform", metadata={"help": "DAPS decoder loss: 'uniform' (Monte Carlo over "
-                                   "all K samples, the paper's) or 'posterior' (weighted by the DAPS weights w)."})
+    decoder_weighting: str = field(default="posterior", metadata={"help": "DAPS decoder loss: 'posterior' (weighted by "
+                                   "the DAPS weights w, fitting the decoder to q*) or 'uniform' (Monte Carlo over all "
+                                   "K samples, the paper's)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})
