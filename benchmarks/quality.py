@@ -212,8 +212,8 @@ def main() -> None:
         rows[run] = reconstruction
     first_run = next(iter(runs))
     save_reconstruction_grid(images, rows.pop(first_run), results_dir / f"{name}-reconstructions.png",
-                             title=f"{name}: test images, then each run's reconstruction (row 2: {first_run})",
-                             extra_rows=rows)
+                             title=f"{name}: test images, then each run's greedy reconstruction",
+                             extra_rows=rows, reconstruction_label=first_run)
     print(markdown)
 
 

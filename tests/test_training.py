@@ -186,3 +186,36 @@ def test_two_processes_match_one_process(tmp_path):
     # Same global batch, same data order: FSQ is deterministic, so the trajectories agree to float tolerance.
     for a, b in zip(losses_one, losses_two):
         assert abs(a - b) <= 1e-3 * abs(a) + 1e-3, (losses_one, losses_two)
+
+
+def test_bf16_autocast_training_runs_and_keeps_sampling_in_fp32(tmp_path):
+    args = tiny_args(tmp_path, max_steps=6, mixed_precision="bf16")
+    metrics = train(args)
+    assert metrics["steps"] == 6 and metrics["skipped_updates"] == 0
+    model = DapsModel.from_pretrained(args.output_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32 under autocast
+    x = load_image_splits("digits").validation[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enc = model.encode(x, num_samples=2, generator=torch.Generator().manual_seed(0))
+    assert enc.log_prob.dtype == torch.float32
+    torch.testing.assert_close(model.log_prob(x, enc.codes), enc.log_prob, atol=0.05, rtol=0.01)
+
+
+def test_non_finite_updates_are_skipped(tmp_path, monkeypatch):
+    from training import methods
+
+    original = methods.DapsMethod.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(methods.DapsMethod, "forward", poisoned)
+    metrics = train(tiny_args(tmp_path, max_steps=5))
+    assert metrics["skipped_updates"] == 1
+    model = DapsModel.from_pretrained(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

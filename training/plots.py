@@ -44,11 +44,13 @@ def _as_images(name: str, images) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- reconstruction grid
 def save_reconstruction_grid(originals, reconstructions, path, *, title: str | None = None,
-                             extra_rows: dict[str, Tensor] | None = None) -> Path:
+                             extra_rows: dict[str, Tensor] | None = None,
+                             reconstruction_label: str = "reconstruction") -> Path:
     """A PNG with the originals in the first row, the reconstructions in the second and each of `extra_rows`
     (name → images, e.g. another method's reconstructions) below. Images are (N, C, H, W) in [0, 1], grey for one
     channel; small images are enlarged by nearest neighbour so that 8 x 8 digits stay visible. Returns the path."""
-    rows = {"original": _as_images("originals", originals), "reconstruction": _as_images("reconstructions", reconstructions)}
+    rows = {"original": _as_images("originals", originals),
+            reconstruction_label: _as_images("reconstructions", reconstructions)}
     for name, images in (extra_rows or {}).items():
         rows[str(name)] = _as_images(f"extra_rows[{name!r}]", images)
     return _draw_rows(rows, path, title)

@@ -286,10 +286,10 @@ def train(args: TrainArguments) -> dict:
                 accelerator.backward(out["loss"])
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    grad_norm = _grad_norm(model)
+                    # The total norm before clipping (clipping with an infinite bound only measures it).
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
                     finite = math.isfinite(grad_norm) and math.isfinite(out["loss"].item())
-                    if args.max_grad_norm > 0 and finite:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     if finite:
                         optimizer.step()
                         scheduler.step()
@@ -369,11 +369,6 @@ def train(args: TrainArguments) -> dict:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _grad_norm(model) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
 
 
 def _round(value):
