@@ -159,6 +159,10 @@ def train(args: TrainArguments) -> dict:
             f"--overwrite_output_dir to start over, or choose another --output_dir."
         )
 
+    # train() may run several times in one process (tests, notebooks, examples) with different precisions: the
+    # precision lives in Accelerate's process-wide state, so start that afresh (the distributed state is kept).
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
