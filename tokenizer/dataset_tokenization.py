@@ -100,7 +100,7 @@ class _Encoder:
         images = [_decode_image(value, row) for value, row in zip(batch[self.image_column], indices)]
         try:
             pixel_values = self.processor(images, return_tensors="pt").pixel_values
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError):
             # Find the offending row so the message names it.
             for image, row in zip(images, indices):
                 try:

@@ -24,6 +24,16 @@ from torch import nn
 from . import objective
 
 
+def _require_quantizer(model, quantizer: str, method: str) -> None:
+    if model.config.quantizer != quantizer:
+        raise ValueError(f"{method} needs quantizer={quantizer!r}, got {model.config.quantizer!r}.")
+
+
+def _parallel_head(model, memory: torch.Tensor) -> torch.Tensor:
+    """The parallel encoder's head outputs for every position, (B, L, head_size), from patch features (B, P, d)."""
+    return model.code_transformer.parallel(memory.shape[0], model.code_transformer.memory_keys_values(memory))
+
+
 def _reconstruction_log_likelihood(model, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Decoder input embeddings (N, L, e) → log p(targets | z), (N,)."""
     return model.log_likelihood(targets, model.likelihood_parameters(embeddings))
@@ -47,8 +57,7 @@ class DapsMethod(nn.Module):
         if decoder_weighting not in ("uniform", "posterior"):
             raise ValueError(f"decoder_weighting must be 'uniform' or 'posterior', got {decoder_weighting!r}.")
         self.decoder_weighting = decoder_weighting
-        if model.config.quantizer != "categorical":
-            raise ValueError(f"DAPS needs a categorical encoder, got quantizer={model.config.quantizer!r}.")
+        _require_quantizer(model, "categorical", "DAPS")
         self.model = model
         self.num_samples = num_samples
         self.eta_control = eta_control
@@ -107,14 +116,13 @@ class FsqMethod(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        if model.config.quantizer != "fsq":
-            raise ValueError(f"FsqMethod needs quantizer='fsq', got {model.config.quantizer!r}.")
+        _require_quantizer(model, "fsq", "FSQ")
         self.model = model
 
     def forward(self, pixel_values, targets, progress: float) -> dict:
         model = self.model
         memory = model.encode_patches(pixel_values)
-        latents = model.code_transformer.parallel(memory.shape[0], model.code_transformer.memory_keys_values(memory))
+        latents = _parallel_head(model, memory)
         values, codes = model.quantizer.quantize(latents)
         reward = _reconstruction_log_likelihood(model, values.to(latents.dtype), targets)
         loss = -reward.mean()
@@ -132,8 +140,7 @@ class VqMethod(nn.Module):
 
     def __init__(self, model, commitment: float = 0.25, restart_dead_codes: bool = True, restart_after: int = 50):
         super().__init__()
-        if model.config.quantizer != "vq":
-            raise ValueError(f"VqMethod needs quantizer='vq', got {model.config.quantizer!r}.")
+        _require_quantizer(model, "vq", "VQ-VAE")
         self.model = model
         self.commitment = commitment
         self.restart_dead_codes = restart_dead_codes
@@ -144,7 +151,7 @@ class VqMethod(nn.Module):
     def forward(self, pixel_values, targets, progress: float) -> dict:
         model = self.model
         memory = model.encode_patches(pixel_values)
-        latents = model.code_transformer.parallel(memory.shape[0], model.code_transformer.memory_keys_values(memory)).float()
+        latents = _parallel_head(model, memory).float()
         quantized, codes = model.quantizer.quantize(latents)
         codebook_loss = F.mse_loss(quantized, latents.detach())
         commitment_loss = F.mse_loss(latents, quantized.detach())
@@ -199,8 +206,7 @@ class GumbelMethod(nn.Module):
 
     def __init__(self, model, beta_schedule, temperature_start: float = 1.0, temperature_end: float = 0.75):
         super().__init__()
-        if model.config.quantizer != "categorical":
-            raise ValueError(f"Gumbel-Softmax needs a categorical encoder, got {model.config.quantizer!r}.")
+        _require_quantizer(model, "categorical", "Gumbel-Softmax")
         self.model = model
         self.beta_schedule = beta_schedule
         self.temperature_start = temperature_start
@@ -213,12 +219,11 @@ class GumbelMethod(nn.Module):
         temperature = self.temperature_start * (self.temperature_end / self.temperature_start) ** progress
         beta = self.beta_schedule(progress)
         memory = model.encode_patches(pixel_values)
-        b = memory.shape[0]
         if model.code_transformer.autoregressive:
             codes, _ = model._sample_from_memory(memory.detach(), 1, 1.0, self.generator)
             logits = model.code_logits(memory, codes)[:, 0]                  # (B, L, V), with gradient
         else:
-            logits = model.code_transformer.parallel(b, model.code_transformer.memory_keys_values(memory)).float()
+            logits = _parallel_head(model, memory).float()
         if model.code_transformer.autoregressive:
             hard_codes = codes[:, 0]
             perturbed = conditional_gumbel_perturbation(logits, hard_codes, self.generator)
