@@ -34,6 +34,18 @@ def _fingerprint(model, processor, image_column: str, codes_column: str, previou
     return digest.hexdigest()[:32]
 
 
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+
+
+def _sniff_format(data: bytes | None) -> tuple[str, ...] | None:
+    """The image format named by the file's first bytes, or None (then PIL tries every plugin)."""
+    if data:
+        for signature, name in _SIGNATURES:
+            if data.startswith(signature):
+                return (name,)
+    return None
+
+
 def _decode_image(value, row: int):
     """A stored image (PIL, path/bytes dict, array) → PIL image; a clear error naming the row otherwise."""
     from PIL import Image
@@ -42,8 +54,11 @@ def _decode_image(value, row: int):
         if isinstance(value, Image.Image):
             image = value
         elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
-            source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-            image = Image.open(source)
+            data = value.get("bytes")
+            source = io.BytesIO(data) if data is not None else value["path"]
+            # Name the format when the bytes say it: PIL otherwise tries its plugins one by one, which cost more
+            # than decoding a small image (a third of tokenize_dataset's time on 28×28 PNGs).
+            image = Image.open(source, formats=_sniff_format(data))
             image.load()
         elif isinstance(value, np.ndarray):
             return value
