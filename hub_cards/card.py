@@ -231,6 +231,8 @@ def _metrics_section(config: dict, metrics: dict | None) -> str:
         training.append(f"{int(metrics['steps']):,} steps")
     if _present(metrics, "wall_clock_seconds"):
         training.append(f"{format_number(metrics['wall_clock_seconds'], 1)} s wall clock")
+    elif _present(metrics, "training_seconds"):
+        training.append(f"{format_number(metrics['training_seconds'], 1)} s of process CPU time")
     trained = f"\nTrained for {', '.join(training)}.\n" if training else ""
     return ("## Evaluation\n\n" + table + "\nProtocol:\n" + "\n".join(protocol) + "\n" + trained)
 

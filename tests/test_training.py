@@ -219,3 +219,32 @@ def test_non_finite_updates_are_skipped(tmp_path, monkeypatch):
     assert metrics["skipped_updates"] == 1
     model = DapsModel.from_pretrained(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_greedy_candidate_scores_the_greedy_code_as_candidate_k_plus_one():
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(Path("/nonexistent")), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    k = 3
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=k + 1)
+    method = DapsMethod(model, k, control, lambda progress: 0.5, greedy_candidate=True)
+    images = load_image_splits("digits").validation[:5]
+    output = method._forward_with_greedy(images, images)
+    assert output.codes.shape == (5, k + 1, model.config.num_tokens)
+    torch.testing.assert_close(output.codes[:, -1], model.encode(images).codes, rtol=0, atol=0)
+    stats = method(images, images, progress=0.0)
+    assert stats["ess_target"] == pytest.approx(0.33 * (k + 1))
+    stats["loss"].backward()
+    assert model.code_transformer.head.weight.grad is not None
+
+
+def test_process_clock_budget_stops_the_run_and_is_recorded(tmp_path):
+    metrics = train(tiny_args(tmp_path, max_steps=100000, max_time=1.0, time_clock="process"))
+    assert 0 < metrics["steps"] < 100000
+    assert metrics["time_clock"] == "process" and metrics["training_seconds"] >= 1.0
+    assert "wall_clock_seconds" not in metrics
+    with pytest.raises(ValueError, match="time_clock"):
+        train(tiny_args(tmp_path / "bad", time_clock="cpu"))

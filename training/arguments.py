@@ -29,6 +29,9 @@ class TrainArguments:
     max_steps: int = field(default=2000, metadata={"help": "Optimiser steps."})
     max_time: float | None = field(default=None, metadata={"help": "Wall-clock budget in seconds; stops at whichever of "
                                    "max_steps and max_time comes first (β then anneals on the clock)."})
+    time_clock: str = field(default="wall", metadata={"help": "What max_time and the logged 'time' count: 'wall' "
+                            "(elapsed seconds) or 'process' (CPU seconds of this process, every thread summed: fair "
+                            "budgets on a shared machine when each run uses one thread)."})
     batch_size: int = field(default=128, metadata={"help": "Images per optimiser step, over all processes."})
     num_samples: int = field(default=4, metadata={"help": "K: codes sampled per image in a DAPS step (paper: 8; 4 "
                              "learned faster per CPU-second here, benchmarks/RESULTS.md)."})
@@ -46,6 +49,9 @@ class TrainArguments:
     decoder_weighting: str = field(default="posterior", metadata={"help": "DAPS decoder loss: 'posterior' (weighted by "
                                    "the DAPS weights w, fitting the decoder to q*) or 'uniform' (Monte Carlo over all "
                                    "K samples, the paper's)."})
+    greedy_candidate: bool = field(default=False, metadata={"help": "DAPS: add the encoder's greedy code to the K "
+                                   "samples as one more candidate (decoder and weights), aligning training with greedy "
+                                   "evaluation."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

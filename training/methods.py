@@ -52,8 +52,9 @@ class DapsMethod(nn.Module):
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
-                 decoder_weighting: str = "uniform"):
+                 decoder_weighting: str = "uniform", greedy_candidate: bool = False):
         super().__init__()
+        self.greedy_candidate = greedy_candidate
         if decoder_weighting not in ("uniform", "posterior"):
             raise ValueError(f"decoder_weighting must be 'uniform' or 'posterior', got {decoder_weighting!r}.")
         self.decoder_weighting = decoder_weighting
@@ -67,7 +68,10 @@ class DapsMethod(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
-        output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
+        if self.greedy_candidate:
+            output = self._forward_with_greedy(pixel_values, targets)
+        else:
+            output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
         log_q = output.log_prob.float()                                  # ℓ_ik, (B, K), with gradient
         rewards = output.reconstruction_log_likelihood.float()           # r_ik, (B, K), with gradient
         beta = self.beta_schedule(progress)
@@ -92,12 +96,23 @@ class DapsMethod(nn.Module):
             "encoder_loss": encoder_loss.detach(),
             "decoder_loss": decoder_loss.detach(),
             "ess": ess.detach(),
-            "ess_target": self.eta_control.rho * self.num_samples,
+            "ess_target": self.eta_control.target_ess,
             "eta": eta,
             "beta": beta,
             "kl_nats": (log_q.detach() + self.model.config.num_tokens * math.log(self.model.config.codebook_size)).mean(),
             "code_usage": codes.unique().numel() / self.model.config.codebook_size,
         }
+
+    def _forward_with_greedy(self, pixel_values: torch.Tensor, targets: torch.Tensor):
+        """K sampled codes plus the encoder's greedy code as candidate K + 1, scored like the samples: the decoder
+        is then also fitted on the codes evaluation uses, and the mode competes with the samples for weight."""
+        model = self.model
+        memory = model.encode_patches(pixel_values)
+        with torch.no_grad():
+            sampled, _ = model._sample_from_memory(memory.detach(), self.num_samples, 1.0, self.generator)
+            greedy, _ = model._sample_from_memory(memory.detach(), None, 1.0, None)
+        codes = torch.cat([sampled, greedy], dim=1)
+        return model(pixel_values, codes=codes, targets=targets)
 
     def after_step(self) -> None:
         """8 (second half): the reference control's Adam step on log η, after the weights of this step were used."""

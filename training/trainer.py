@@ -93,6 +93,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}.")
     if args.eta_control not in ("adam", "bisection"):
         raise ValueError(f"--eta_control must be 'adam' or 'bisection', got {args.eta_control!r}.")
+    if args.time_clock not in ("wall", "process"):
+        raise ValueError(f"--time_clock must be 'wall' or 'process', got {args.time_clock!r}.")
     if args.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r}.")
     for name in ("max_steps", "batch_size", "num_samples", "gradient_accumulation_steps"):
@@ -122,11 +124,11 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
     beta_schedule = objective.BetaSchedule(args.beta_start, args.beta_end, total_steps=1).at_progress
     if args.method in ("daps", "daps-na"):
         control = objective.make_eta_control(
-            args.eta_control, rho=args.ess_target, num_samples=args.num_samples,
+            args.eta_control, rho=args.ess_target, num_samples=args.num_samples + int(args.greedy_candidate),
             initial_eta=args.initial_eta, lr=args.eta_learning_rate,
         )
         return DapsMethod(model, args.num_samples, control, beta_schedule, gather,
-                          decoder_weighting=args.decoder_weighting)
+                          decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
@@ -271,10 +273,11 @@ def train(args: TrainArguments) -> dict:
 
     bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
                desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
+    clock = time.perf_counter if args.time_clock == "wall" else time.process_time
     model.train()
     stop = False
     while not stop and step < args.max_steps:
-        started = time.perf_counter()
+        started = clock()
         indices = next(sampler)
         local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
         stats_sum: dict[str, float] = {}
@@ -305,7 +308,7 @@ def train(args: TrainArguments) -> dict:
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
         inner.after_step()
         step += 1
-        elapsed += time.perf_counter() - started
+        elapsed += clock() - started
         if args.max_time and elapsed >= args.max_time:
             stop = True
 
@@ -348,9 +351,11 @@ def train(args: TrainArguments) -> dict:
     # ---- the finished tokenizer
     model.eval()
     metrics = run_evaluation(final=True)
+    if args.time_clock == "wall":
+        metrics["wall_clock_seconds"] = round(elapsed, 2)
     metrics.update(
         method=args.method, dataset=args.dataset, split="validation", steps=step,
-        wall_clock_seconds=round(elapsed, 2), steps_per_second=round(step / max(elapsed, 1e-9), 3),
+        training_seconds=round(elapsed, 2), time_clock=args.time_clock, steps_per_second=round(step / max(elapsed, 1e-9), 3),
         skipped_updates=skipped, train_command=_command_line(),
     )
     if accelerator.is_main_process:
