@@ -362,3 +362,38 @@ def test_best_of_n_rejects_bad_arguments():
         model.encode(x, search="best-of-n", num_candidates=0)
     with pytest.raises(ValueError, match="num_samples"):
         model.encode(x, search="best-of-n", num_samples=2)
+
+
+@pytest.mark.parametrize("encoder_type", ["autoregressive", "parallel"])
+def test_exploration_proposal_log_prob_matches_teacher_forcing(encoder_type):
+    """Codes drawn from (1 − ε)·q + ε·uniform carry log μ = Σ_t log((1 − ε)·q_t + ε/V), with q_t teacher-forced."""
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", encoder_type=encoder_type)).eval()
+    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
+    memory = model.encode_patches(x)
+    epsilon, k = 0.3, 5
+    codes, log_q, log_mu = model._sample_from_memory(memory, k, 1.0, torch.Generator().manual_seed(1),
+                                                     exploration=epsilon, return_proposal=True)
+    token_log_q = torch.log_softmax(model.code_logits(memory, codes), dim=-1).gather(-1, codes[..., None])[..., 0]
+    expected = torch.log((1 - epsilon) * token_log_q.exp() + epsilon / model.config.codebook_size).sum(-1)
+    torch.testing.assert_close(log_mu, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(log_q, token_log_q.sum(-1), atol=1e-4, rtol=1e-4)
+    # ε = 0 is plain sampling: same codes from the same seed, and log μ = log q.
+    plain, plain_log_q = model._sample_from_memory(memory, k, 1.0, torch.Generator().manual_seed(1))
+    again, again_log_q, again_mu = model._sample_from_memory(memory, k, 1.0, torch.Generator().manual_seed(1),
+                                                             return_proposal=True)
+    assert torch.equal(plain, again)
+    torch.testing.assert_close(again_mu, again_log_q)
+    with pytest.raises(ValueError, match="exploration"):
+        model._sample_from_memory(memory, k, 1.0, None, exploration=1.0)
+
+
+def test_exploration_reaches_codes_the_encoder_would_not_sample():
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", head_initializer_range=3.0)).eval()  # a near-deterministic q
+    x = torch.rand(2, model.config.num_channels, model.config.image_size, model.config.image_size)
+    memory = model.encode_patches(x)
+    plain, _ = model._sample_from_memory(memory, 64, 1.0, torch.Generator().manual_seed(0))
+    explored, _ = model._sample_from_memory(memory, 64, 1.0, torch.Generator().manual_seed(0), exploration=0.5)
+    distinct = lambda codes: len({tuple(row.tolist()) for row in codes[0]})  # noqa: E731
+    assert distinct(explored) > distinct(plain)

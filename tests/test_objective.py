@@ -426,3 +426,27 @@ def test_beta_schedule_constant_and_validation():
 def test_module_exports_what_it_documents():
     for name in objective.__all__:
         assert hasattr(objective, name)
+
+
+def test_importance_offset_shifts_the_log_weights_and_the_eta_solve_still_hits_the_target():
+    """Codes from a proposal μ: the log-weights gain log q − log μ, and the bisection solves ESS = ρK on them."""
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(64, 6, generator=generator, dtype=torch.float64) * 20
+    log_q = -torch.rand(64, 6, generator=generator, dtype=torch.float64) * 30
+    offset = torch.randn(64, 6, generator=generator, dtype=torch.float64) * 2
+    beta, eta = 0.3, 2.0
+    plain = objective.log_weights(objective.advantages(rewards), log_q, beta, eta)
+    shifted = objective.log_weights(objective.advantages(rewards), log_q, beta, eta, offset)
+    torch.testing.assert_close(shifted, plain + offset)
+    torch.testing.assert_close(objective.daps_weights(rewards, log_q, beta, eta, offset),
+                               torch.softmax(plain + offset, dim=-1))
+    target = 0.33 * 6
+    solved = objective.solve_eta(rewards, log_q, beta, target, offset=offset)
+    assert abs(objective.mean_ess(rewards, log_q, beta, solved, offset).item() - target) <= 1e-2
+    # The offset matters: the same η without it gives another ESS.
+    assert abs(objective.mean_ess(rewards, log_q, beta, solved).item() - target) > 0.1
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=6)
+    assert control.eta_for_step(rewards, log_q, beta, offset) == pytest.approx(solved)
+    adam = objective.make_eta_control("adam", rho=0.33, num_samples=6)
+    adam.after_step(rewards, log_q, beta, offset)
+    assert adam.last_stats["ess"] == pytest.approx(objective.mean_ess(rewards, log_q, beta, 100.0, offset).item())

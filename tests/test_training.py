@@ -1,6 +1,7 @@
 """The training loop: DAPS learns on digits, resumes exactly after SIGKILL, checkpoints are atomic, configs adapt."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -232,7 +233,8 @@ def test_greedy_candidate_scores_the_greedy_code_as_candidate_k_plus_one():
     control = objective.make_eta_control("bisection", rho=0.33, num_samples=k + 1)
     method = DapsMethod(model, k, control, lambda progress: 0.5, greedy_candidate=True)
     images = load_image_splits("digits").validation[:5]
-    output = method._forward_with_greedy(images, images)
+    output, offset = method._sample_and_score(images, images)
+    assert offset is None
     assert output.codes.shape == (5, k + 1, model.config.num_tokens)
     torch.testing.assert_close(output.codes[:, -1], model.encode(images).codes, rtol=0, atol=0)
     stats = method(images, images, progress=0.0)
@@ -248,3 +250,24 @@ def test_process_clock_budget_stops_the_run_and_is_recorded(tmp_path):
     assert "wall_clock_seconds" not in metrics
     with pytest.raises(ValueError, match="time_clock"):
         train(tiny_args(tmp_path / "bad", time_clock="cpu"))
+
+
+def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=5)
+    method = DapsMethod(model, 4, control, lambda progress: 0.5, greedy_candidate=True, exploration=0.25)
+    method.generator = torch.Generator().manual_seed(0)
+    images = load_image_splits("digits").validation[:6]
+    output, offset = method._sample_and_score(images, images)
+    assert output.codes.shape[:2] == offset.shape == (6, 5)
+    assert torch.equal(offset[:, -1], torch.zeros(6))  # the greedy candidate is not drawn from the proposal
+    assert (offset[:, :4] <= -config.num_tokens * math.log(0.75) + 1e-4).all()  # log q − log μ ≤ −L·log(1 − ε) per token
+    with pytest.raises(ValueError, match="exploration"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, exploration=1.5)
+    metrics = train(tiny_args(tmp_path, max_steps=4, exploration=0.1, greedy_candidate=True))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0

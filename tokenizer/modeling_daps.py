@@ -105,10 +105,21 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal
     Short unmasked queries (a cached decoding step: one query per sequence, or the K samples of an image in
     cross-attention) use a plain matmul–softmax–matmul: on CPU it ran about twice as fast as
     `scaled_dot_product_attention` there (benchmarks/speed.py), with the same result up to rounding.
+
+    bf16 on CPU uses the same plain path (with the causal mask) whenever the score tensor is small (at most 2**25
+    elements): the CPU flash-attention kernel's bf16 backward ran 3-6x slower than this path's, and its bf16
+    forward no faster (benchmarks/speed.py, cifar training step). fp32 is unchanged.
     """
-    if query.shape[-2] <= 32 and not causal:
-        scores = (query @ keys.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
-        return torch.softmax(_at_least_float32(scores), dim=-1).to(values.dtype) @ values
+    short = query.shape[-2] <= 32 and not causal
+    small_bf16_cpu = (query.dtype == torch.bfloat16 and query.device.type == "cpu"
+                      and query.shape[:-2].numel() * query.shape[-2] * keys.shape[-2] <= 2**25)
+    if short or small_bf16_cpu:
+        scores = _at_least_float32((query @ keys.transpose(-1, -2)) * (query.shape[-1] ** -0.5))
+        if causal:
+            # Top-left aligned, as scaled_dot_product_attention's is_causal: query i sees keys 0..i.
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return torch.softmax(scores, dim=-1).to(values.dtype) @ values
     return F.scaled_dot_product_attention(query, keys, values, is_causal=causal)
 
 
@@ -581,16 +592,26 @@ class DapsModel(DapsPreTrainedModel):
 
     @torch.no_grad()
     def _sample_from_memory(self, memory: torch.Tensor, num_samples: int | None, temperature: float,
-                            generator: torch.Generator | None):
-        """Codes (B, K, L) and their log q at temperature 1 (B, K); greedy when num_samples is None."""
+                            generator: torch.Generator | None, exploration: float = 0.0,
+                            return_proposal: bool = False):
+        """Codes (B, K, L) and their log q at temperature 1 (B, K); greedy when num_samples is None.
+
+        With `exploration` ε > 0 each token is drawn from the mixture (1 − ε)·q_τ(·|z_<t, x) + ε·uniform, ancestrally
+        (a uniformly drawn token is what later positions condition on). With `return_proposal`, a third tensor
+        (B, K) gives log μ(z|x) of that proposal, summed over tokens, for importance weighting.
+        """
         b = memory.shape[0]
         k = 1 if num_samples is None else num_samples
         greedy = num_samples is None
+        exploration = 0.0 if greedy else float(exploration)
+        if not 0.0 <= exploration < 1.0:
+            raise ValueError(f"exploration must be in [0, 1), got {exploration}.")
         if self.config.quantizer != "categorical":
             latents = self.code_transformer.parallel(b, self.code_transformer.memory_keys_values(memory))
             _, codes = self.quantizer.quantize(latents)
             codes = codes[:, None].expand(b, k, -1).contiguous()
-            return codes, torch.zeros(b, k, device=memory.device)
+            zeros = torch.zeros(b, k, device=memory.device)
+            return (codes, zeros, zeros) if return_proposal else (codes, zeros)
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
             # logits (..., V) in fp32. Gumbel-max at temperature τ samples softmax(logits / τ) exactly.
@@ -598,25 +619,47 @@ class DapsModel(DapsPreTrainedModel):
                 return logits.argmax(-1)
             uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
             gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-            return (logits / temperature + gumbel).argmax(-1)
+            chosen = (logits / temperature + gumbel).argmax(-1)
+            if exploration > 0.0:
+                explore = torch.rand(chosen.shape, generator=generator, device=logits.device) < exploration
+                random_codes = torch.randint(0, logits.shape[-1], chosen.shape, generator=generator,
+                                             device=logits.device)
+                chosen = torch.where(explore, random_codes, chosen)
+            return chosen
+
+        def proposal_log_prob(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+            tempered = torch.log_softmax(logits / temperature, dim=-1).gather(-1, chosen[..., None]).squeeze(-1)
+            if exploration == 0.0:
+                return tempered
+            return torch.logaddexp(tempered + math.log1p(-exploration),
+                                   torch.full_like(tempered, math.log(exploration / logits.shape[-1])))
 
         memory_kv = self.code_transformer.memory_keys_values(memory)
         if not self.code_transformer.autoregressive:
             logits = _at_least_float32(self.code_transformer.parallel(b, memory_kv))  # (B, L, V)
             log_probs = torch.log_softmax(logits, dim=-1)
-            codes = choose(logits[:, None].expand(b, k, -1, -1))
-            return codes, log_probs[:, None].expand(b, k, -1, -1).gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+            expanded = logits[:, None].expand(b, k, -1, -1)
+            codes = choose(expanded)
+            log_prob = log_probs[:, None].expand(b, k, -1, -1).gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+            if return_proposal:
+                return codes, log_prob, proposal_log_prob(expanded, codes).sum(-1)
+            return codes, log_prob
 
         length = self.config.num_tokens
         cache = self.code_transformer.new_cache(b * k, memory)
         codes = torch.empty(b * k, length, dtype=torch.long, device=memory.device)
         log_prob = torch.zeros(b * k, device=memory.device, dtype=torch.promote_types(memory.dtype, torch.float32))
+        log_proposal = torch.zeros_like(log_prob)
         previous = torch.full((b * k,), self.config.bos_token_id, dtype=torch.long, device=memory.device)
         for position in range(length):
             logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
             previous = choose(logits)
             codes[:, position] = previous
             log_prob += torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
+            if return_proposal:
+                log_proposal += proposal_log_prob(logits, previous)
+        if return_proposal:
+            return codes.view(b, k, length), log_prob.view(b, k), log_proposal.view(b, k)
         return codes.view(b, k, length), log_prob.view(b, k)
 
     def encode(self, pixel_values: torch.Tensor, num_samples: int | None = None, temperature: float = 1.0,

@@ -52,6 +52,8 @@ class TrainArguments:
     greedy_candidate: bool = field(default=False, metadata={"help": "DAPS: add the encoder's greedy code to the K "
                                    "samples as one more candidate (decoder and weights), aligning training with greedy "
                                    "evaluation."})
+    exploration: float = field(default=0.0, metadata={"help": "DAPS: ε, draw each sampled token from "
+                              "(1 − ε)·q + ε·uniform and importance-weight by q/μ (same target q*, more exploration)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

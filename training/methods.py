@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizer.modeling_daps import DapsModelOutput
+
 from . import objective
 
 
@@ -52,9 +54,12 @@ class DapsMethod(nn.Module):
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
-                 decoder_weighting: str = "uniform", greedy_candidate: bool = False):
+                 decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0):
         super().__init__()
+        if not 0.0 <= exploration < 1.0:
+            raise ValueError(f"exploration must be in [0, 1), got {exploration}.")
         self.greedy_candidate = greedy_candidate
+        self.exploration = float(exploration)
         if decoder_weighting not in ("uniform", "posterior"):
             raise ValueError(f"decoder_weighting must be 'uniform' or 'posterior', got {decoder_weighting!r}.")
         self.decoder_weighting = decoder_weighting
@@ -68,8 +73,9 @@ class DapsMethod(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
-        if self.greedy_candidate:
-            output = self._forward_with_greedy(pixel_values, targets)
+        offset = None
+        if self.greedy_candidate or self.exploration > 0:
+            output, offset = self._sample_and_score(pixel_values, targets)
         else:
             output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
         log_q = output.log_prob.float()                                  # ℓ_ik, (B, K), with gradient
@@ -77,9 +83,10 @@ class DapsMethod(nn.Module):
         beta = self.beta_schedule(progress)
         # 8 (first half). η for this step from the global batch: solved exactly, or the controller's current value.
         all_rewards, all_log_q = self.gather(rewards.detach()), self.gather(log_q.detach())
-        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta)
+        all_offset = None if offset is None else self.gather(offset)
+        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta, all_offset)
         # 3-4. Advantages against the log-sum-exp baseline, log-weights (A − β ℓ)/(η + β), softmax over K.
-        weights = objective.daps_weights(rewards.detach(), log_q.detach(), beta, eta)
+        weights = objective.daps_weights(rewards.detach(), log_q.detach(), beta, eta, offset)
         # 5-6. Weighted maximum likelihood for the encoder, Monte Carlo maximum likelihood for the decoder.
         encoder_loss = objective.encoder_loss(log_q, weights)
         if self.decoder_weighting == "uniform":
@@ -89,7 +96,7 @@ class DapsMethod(nn.Module):
             # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
             decoder_loss = -(weights * rewards).sum(-1).mean()
         ess = objective.effective_sample_size(weights).mean()
-        self._pending = (all_rewards, all_log_q, beta)
+        self._pending = (all_rewards, all_log_q, beta, all_offset)
         codes = output.codes
         return {
             "loss": encoder_loss + decoder_loss,
@@ -103,21 +110,39 @@ class DapsMethod(nn.Module):
             "code_usage": codes.unique().numel() / self.model.config.codebook_size,
         }
 
-    def _forward_with_greedy(self, pixel_values: torch.Tensor, targets: torch.Tensor):
-        """K sampled codes plus the encoder's greedy code as candidate K + 1, scored like the samples: the decoder
-        is then also fitted on the codes evaluation uses, and the mode competes with the samples for weight."""
+    def _sample_and_score(self, pixel_values: torch.Tensor, targets: torch.Tensor):
+        """The candidates of a step when they are not K plain samples of q, scored like samples.
+
+        - `exploration` ε > 0: the K codes come from the proposal μ = (1 − ε)·q + ε·uniform per token (drawn
+          ancestrally), and the weights become q*/μ instead of q*/q by the log-offset log q(z) − log μ(z): the same
+          target q*, reached with codes q would rarely propose.
+        - `greedy_candidate`: the encoder's greedy code is added as candidate K + 1 (offset 0), so the decoder is also
+          fitted on the code evaluation uses and the mode competes with the samples for weight.
+
+        Returns the model output (codes (B, K', L), log q and rewards with gradient) and the offset (B, K') or None.
+        """
         model = self.model
         memory = model.encode_patches(pixel_values)
         with torch.no_grad():
-            sampled, _ = model._sample_from_memory(memory.detach(), self.num_samples, 1.0, self.generator)
-            greedy, _ = model._sample_from_memory(memory.detach(), None, 1.0, None)
-        codes = torch.cat([sampled, greedy], dim=1)
-        return model(pixel_values, codes=codes, targets=targets)
+            codes, sampled_log_q, log_proposal = model._sample_from_memory(
+                memory.detach(), self.num_samples, 1.0, self.generator, exploration=self.exploration,
+                return_proposal=True)
+            offset = (sampled_log_q - log_proposal).float() if self.exploration > 0 else None
+            if self.greedy_candidate:
+                greedy, _ = model._sample_from_memory(memory.detach(), None, 1.0, None)
+                codes = torch.cat([codes, greedy], dim=1)
+                if offset is not None:
+                    offset = torch.cat([offset, offset.new_zeros(offset.shape[0], 1)], dim=1)
+        log_prob = model._log_prob_from_memory(memory, codes)
+        reward, reconstruction = model._reconstruction_log_likelihood(targets, codes)
+        output = DapsModelOutput(codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward,
+                                 reconstruction=reconstruction)
+        return output, offset
 
     def after_step(self) -> None:
         """8 (second half): the reference control's Adam step on log η, after the weights of this step were used."""
-        rewards, log_q, beta = self._pending
-        self.eta_control.after_step(rewards, log_q, beta)
+        rewards, log_q, beta, offset = self._pending
+        self.eta_control.after_step(rewards, log_q, beta, offset)
 
     def state_dict_extra(self) -> dict:
         return {"eta_control": self.eta_control.state_dict()}

@@ -119,7 +119,8 @@ def advantages(rewards: Tensor) -> Tensor:
     return torch.where(empty_row, torch.zeros_like(scores), scores)
 
 
-def log_weights(advantages: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+def log_weights(advantages: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+                offset: Tensor | None = None) -> Tensor:
     """Step 4: log-weights s_ik = (A_ik − β·sg(ℓ_ik)) / (η + β), the log of q*/q_old at the sampled codes up to a
     per-image constant.
 
@@ -129,6 +130,8 @@ def log_weights(advantages: Tensor, log_q: Tensor, beta: float | Tensor, eta: fl
         beta: β ≥ 0, the entropy weight (a float, or a tensor broadcasting against (N, K)).
         eta: η ≥ 0, the trust-region multiplier (a float, or a tensor broadcasting against (N, K), e.g. (G, 1, 1) to
             evaluate G values of η at once; gradients flow to a tensor η, which the Adam control uses).
+        offset: *optional* (N, K), added to s after the scaling: log q_old(z) − log μ(z) for codes drawn from a
+            proposal μ other than q_old (importance weights q*/μ instead of q*/q_old); None for on-policy samples.
 
     Returns:
         s, (N, K) (broadcast shape), float32 at least. Samples with non-finite ℓ, or −inf advantage, get −inf (weight
@@ -150,6 +153,10 @@ def log_weights(advantages: Tensor, log_q: Tensor, beta: float | Tensor, eta: fl
         temperature = temperature.to(device=advantages.device, dtype=advantages.dtype)
     scaled = torch.where(finite, numerator, 0.0) / temperature
     infinite = torch.where(numerator == float("inf"), float("inf"), float("-inf")).to(scaled.dtype)
+    if offset is not None:
+        _check_same_shape("advantages", advantages, "offset", offset)
+        offset = _upcast(offset.detach()).to(scaled.device)
+        scaled = scaled + torch.where(torch.isfinite(offset), offset, 0.0)
     return torch.where(finite, scaled, infinite)
 
 
@@ -185,7 +192,8 @@ def effective_sample_size(weights: Tensor) -> Tensor:
     return (1.0 / weights.square().sum(dim=-1)).clamp(1.0, float(num_samples))
 
 
-def daps_weights(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+def daps_weights(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+                 offset: Tensor | None = None) -> Tensor:
     """Steps 3-4 composed: w = softmax_k((A − β ℓ) / (η + β)) with A = R − logsumexp_k R, all stop-gradient.
 
     Args:
@@ -197,7 +205,8 @@ def daps_weights(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: floa
     """
     with torch.no_grad():
         _check_same_shape("rewards", rewards, "log_q", log_q)
-        return normalized_weights(log_weights(advantages(rewards.detach()), log_q.detach(), beta, eta)).detach()
+        return normalized_weights(log_weights(advantages(rewards.detach()), log_q.detach(), beta, eta,
+                                              offset)).detach()
 
 
 def encoder_loss(log_q: Tensor, weights: Tensor) -> Tensor:
@@ -235,7 +244,8 @@ def decoder_loss(rewards_with_grad: Tensor) -> Tensor:
     return -_upcast(rewards_with_grad).mean()
 
 
-def mean_ess(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+def mean_ess(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+             offset: Tensor | None = None) -> Tensor:
     """Batch statistic of the trust region: mean_i ESS_i at the given η.
 
     No gradient reaches `rewards` or `log_q`; a tensor η keeps its gradient (the Adam control differentiates this).
@@ -247,16 +257,17 @@ def mean_ess(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | 
     _check_same_shape("rewards", rewards, "log_q", log_q)
     with torch.no_grad():
         scores = advantages(rewards.detach())
-    return _mean_ess_of_advantages(scores, log_q.detach(), beta, eta)
+    return _mean_ess_of_advantages(scores, log_q.detach(), beta, eta, offset)
 
 
-def _mean_ess_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
-    return effective_sample_size(normalized_weights(log_weights(scores, log_q, beta, eta))).mean(dim=-1)
+def _mean_ess_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+                            offset: Tensor | None = None) -> Tensor:
+    return effective_sample_size(normalized_weights(log_weights(scores, log_q, beta, eta, offset))).mean(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------- η: exact solve
 def _solve_log_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, tolerance: float,
-                   grid_size: int = 17, max_rounds: int = 15) -> dict:
+                   grid_size: int = 17, max_rounds: int = 15, offset: Tensor | None = None) -> dict:
     """Find η with mean ESS(η) = target by a vectorised bisection on log η over [ETA_MIN, ETA_MAX].
 
     ESS depends on η only through the temperature η + β of a softmax, and grows monotonically with it. Each round
@@ -275,7 +286,7 @@ def _solve_log_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: floa
         for round_ in range(1, max_rounds + 1):
             grid = torch.linspace(low, high, grid_size, dtype=torch.float64, device=scores.device)
             etas = grid.exp().view(-1, *([1] * scores.dim()))  # (G, 1, 1)
-            ess = _mean_ess_of_advantages(scores, log_q, beta, etas)  # (G,)
+            ess = _mean_ess_of_advantages(scores, log_q, beta, etas, offset)  # (G,)
             ess, grid = ess.tolist(), grid.tolist()  # the one synchronisation of the round
             if round_ == 1:
                 if ess[0] >= target_ess - tolerance:  # already wide enough at the smallest η
@@ -297,7 +308,8 @@ def _solve_log_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: floa
                 "converged": best_error <= tolerance, "at_lower_bound": False, "at_upper_bound": False}
 
 
-def solve_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, tolerance: float | None = None) -> float:
+def solve_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, tolerance: float | None = None,
+              offset: Tensor | None = None) -> float:
     """η with mean ESS(η) = target_ess for this batch, to |ESS − target| ≤ tolerance (default 1e-3·K).
 
     Returns ETA_MIN when even the smallest η gives at least the target ESS (e.g. all rewards and log q equal), and
@@ -305,7 +317,7 @@ def solve_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, to
     """
     num_samples = rewards.shape[-1]
     tolerance = 1e-3 * num_samples if tolerance is None else tolerance
-    return _solve_log_eta(rewards, log_q, beta, target_ess, tolerance)["eta"]
+    return _solve_log_eta(rewards, log_q, beta, target_ess, tolerance, offset=offset)["eta"]
 
 
 # ----------------------------------------------------------------------------------------------- η: controllers
@@ -330,11 +342,11 @@ class EtaController(Protocol):
     @property
     def target_ess(self) -> float: ...
 
-    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> float: ...
+    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> float: ...
 
-    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> None: ...
+    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> None: ...
 
-    def update(self, rewards: Tensor, log_q: Tensor, beta: float) -> dict: ...
+    def update(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> dict: ...
 
     def state_dict(self) -> dict: ...
 
@@ -391,18 +403,18 @@ class AdamEtaControl:
     def target_ess(self) -> float:
         return self.rho * self.num_samples  # ρK
 
-    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> float:
+    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> float:
         return self.eta
 
-    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> None:
-        self.update(rewards, log_q, beta)
+    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> None:
+        self.update(rewards, log_q, beta, offset)
 
-    def update(self, rewards: Tensor, log_q: Tensor, beta: float) -> dict:
+    def update(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> dict:
         """One Adam step on log η for the loss (mean ESS(η) − ρK)²; returns the statistics of the step."""
         _check_batch(rewards, log_q, self.num_samples)
         eta_before = self.eta
         self.optimizer.zero_grad(set_to_none=True)
-        ess = mean_ess(rewards.detach(), log_q.detach(), beta, self.log_eta.exp().to(rewards.device))
+        ess = mean_ess(rewards.detach(), log_q.detach(), beta, self.log_eta.exp().to(rewards.device), offset)
         loss = (ess - self.target_ess).square()
         loss.backward()
         stepped = bool(torch.isfinite(self.log_eta.grad).all())
@@ -469,22 +481,22 @@ class BisectionEtaControl:
     def target_ess(self) -> float:
         return self.rho * self.num_samples  # ρK
 
-    def solve(self, rewards: Tensor, log_q: Tensor, beta: float) -> float:
+    def solve(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> float:
         """η for this batch (also stored as `eta`, with the solve's statistics in `last_stats`)."""
         _check_batch(rewards, log_q, self.num_samples)
-        stats = _solve_log_eta(rewards, log_q, beta, self.target_ess, self.tolerance * self.num_samples)
+        stats = _solve_log_eta(rewards, log_q, beta, self.target_ess, self.tolerance * self.num_samples, offset=offset)
         self._eta = stats["eta"]
         self.last_stats = {**stats, "ess_target": self.target_ess}
         return self._eta
 
-    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> float:
-        return self.solve(rewards, log_q, beta)
+    def eta_for_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> float:
+        return self.solve(rewards, log_q, beta, offset)
 
-    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float) -> None:
+    def after_step(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> None:
         pass  # nothing carries over between steps
 
-    def update(self, rewards: Tensor, log_q: Tensor, beta: float) -> dict:
-        self.solve(rewards, log_q, beta)
+    def update(self, rewards: Tensor, log_q: Tensor, beta: float, offset: Tensor | None = None) -> dict:
+        self.solve(rewards, log_q, beta, offset)
         return self.last_stats
 
     def state_dict(self) -> dict:

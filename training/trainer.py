@@ -128,7 +128,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
             initial_eta=args.initial_eta, lr=args.eta_learning_rate,
         )
         return DapsMethod(model, args.num_samples, control, beta_schedule, gather,
-                          decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate)
+                          decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate,
+                          exploration=args.exploration)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
