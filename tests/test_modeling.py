@@ -397,3 +397,20 @@ def test_exploration_reaches_codes_the_encoder_would_not_sample():
     explored, _ = model._sample_from_memory(memory, 64, 1.0, torch.Generator().manual_seed(0), exploration=0.5)
     distinct = lambda codes: len({tuple(row.tolist()) for row in codes[0]})  # noqa: E731
     assert distinct(explored) > distinct(plain)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("queries", [1, 40])
+def test_attention_fast_paths_match_scaled_dot_product_attention(causal, queries):
+    """The plain matmul–softmax–matmul paths (short fp32 queries, small bf16 CPU scores) against PyTorch's kernel."""
+    import torch.nn.functional as F
+
+    from tokenizer.modeling_daps import attend
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=generator) for n in (queries, queries, queries))
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal).float()
+    torch.testing.assert_close(attend(q, k, v, causal=causal), reference, atol=1e-5, rtol=1e-5)
+    fast = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=causal)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
