@@ -208,13 +208,7 @@ def _batch_pixel_values(processor, images: np.ndarray) -> torch.Tensor | None:
             return None
         images = np.repeat(images, 3, axis=3)  # the processor's grey → RGB
     # No resize or crop: a size×size image is left as it is whatever the settings.
-    array = images.astype(np.float32)
-    if settings["do_rescale"]:
-        array = array * np.float32(settings["rescale_factor"])
-    if settings["do_normalize"]:
-        mean = np.asarray(settings["image_mean"], dtype=np.float32)
-        std = np.asarray(settings["image_std"], dtype=np.float32)
-        array = (array - mean) / std
+    array = DapsImageProcessor._rescale_and_normalize(images, settings)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32))
 
 

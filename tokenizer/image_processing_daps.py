@@ -334,6 +334,13 @@ class DapsImageProcessor(BaseImageProcessor):
         array = self._read(image, where)  # (H, W, C_in), uint8 or float32 in [0, 1]
         array = self._convert_channels(array, settings["num_channels"])
         array = self._resize_and_crop(array, settings, where)
+        array = self._rescale_and_normalize(array, settings)
+        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+
+    @staticmethod
+    def _rescale_and_normalize(array: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+        """(..., H, W, C) uint8 (rescaled) or float32 in [0, 1] -> float32, normalised per channel when asked.
+        Works on one image or a stacked batch with the same arithmetic, so both give bitwise-equal values."""
         if array.dtype == np.uint8:
             if settings["do_rescale"]:
                 array = array.astype(np.float32) * np.float32(settings["rescale_factor"])
@@ -343,7 +350,7 @@ class DapsImageProcessor(BaseImageProcessor):
             mean = np.asarray(settings["image_mean"], dtype=np.float32)
             std = np.asarray(settings["image_std"], dtype=np.float32)
             array = (array - mean) / std
-        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+        return array
 
     # -- reading
 
