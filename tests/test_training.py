@@ -271,3 +271,63 @@ def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):
         DapsMethod(model, 4, control, lambda progress: 0.5, exploration=1.5)
     metrics = train(tiny_args(tmp_path, max_steps=4, exploration=0.1, greedy_candidate=True))
     assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+
+
+@pytest.mark.parametrize("exploration", [0.0, 0.2])
+def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_path, exploration):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    k, m, beta = 6, 2, 0.5
+    images = load_image_splits("digits").validation[:7]
+    method = DapsMethod(model, k, objective.make_eta_control("bisection", rho=0.33, num_samples=k),
+                        lambda progress: beta, decoder_weighting="posterior", exploration=exploration, update_samples=m)
+    method.generator = torch.Generator().manual_seed(3)
+    stats = method(images, images, progress=0.0)
+
+    # The same step by hand from the public API: same samples (same generator seed), all K decoded and weighted,
+    # the M heaviest kept and renormalised, their log q and log p(x|z) with gradient.
+    with torch.no_grad():
+        memory = model.encode_patches(images)
+        codes, log_q, log_mu = model._sample_from_memory(memory, k, 1.0, torch.Generator().manual_seed(3),
+                                                          exploration=exploration, return_proposal=True)
+        offset = (log_q - log_mu) if exploration > 0 else None
+        rewards = model.reconstruction_log_likelihood(images, codes)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=k)
+    eta = control.eta_for_step(rewards, log_q, beta, offset)
+    assert stats["eta"] == pytest.approx(eta)
+    weights = objective.daps_weights(rewards, log_q, beta, eta, offset)
+    top, index = weights.topk(m, dim=1)
+    kept_codes = torch.stack([codes[i, index[i]] for i in range(len(images))])
+    kept_weights = top / top.sum(1, keepdim=True)
+    expected = (-(kept_weights * model.log_prob(images, kept_codes)).sum(1).mean()
+                - (kept_weights * model.reconstruction_log_likelihood(images, kept_codes)).sum(1).mean())
+    torch.testing.assert_close(stats["loss"], expected, rtol=1e-5, atol=1e-4)
+    assert stats["ess"] == pytest.approx(objective.effective_sample_size(weights).mean().item(), rel=1e-5)
+    assert stats["kept_weight"] == pytest.approx(top.sum(1).mean().item(), rel=1e-5)
+    assert 0 < stats["kept_weight"] <= 1
+    stats["loss"].backward()
+    assert model.code_transformer.head.weight.grad is not None and model.code_embedding.weight.grad is not None
+
+
+def test_kept_samples_rejects_bad_settings_and_trains_end_to_end(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="update_samples"):
+            DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", update_samples=bad)
+    with pytest.raises(ValueError, match="posterior"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="uniform", update_samples=2)
+    # M = K is the plain step.
+    assert DapsMethod(model, 4, control, lambda progress: 0.5, update_samples=4).update_samples is None
+    metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=8, update_samples=2))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    rows = [row for row in read_log(tmp_path / "run") if "kept_weight" in row]
+    assert rows and all(0 < row["kept_weight"] <= 1 for row in rows)

@@ -54,6 +54,9 @@ class TrainArguments:
                                    "evaluation."})
     exploration: float = field(default=0.0, metadata={"help": "DAPS: ε, draw each sampled token from "
                               "(1 − ε)·q + ε·uniform and importance-weight by q/μ (same target q*, more exploration)."})
+    update_samples: int | None = field(default=None, metadata={"help": "DAPS: M, how many of the K samples per image "
+                                 "(largest weight first) the losses and their backward passes use; all K are still "
+                                 "sampled, decoded and weighted without gradient. Default: all K."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

@@ -54,10 +54,21 @@ class DapsMethod(nn.Module):
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
-                 decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0):
+                 decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
+                 update_samples: int | None = None):
         super().__init__()
         if not 0.0 <= exploration < 1.0:
             raise ValueError(f"exploration must be in [0, 1), got {exploration}.")
+        if update_samples is not None:
+            if isinstance(update_samples, bool) or not isinstance(update_samples, int) or not 1 <= update_samples <= num_samples:
+                raise ValueError(f"update_samples must be an integer in [1, num_samples={num_samples}], "
+                                 f"got {update_samples!r}.")
+            if update_samples < num_samples and decoder_weighting != "posterior":
+                raise ValueError("update_samples < num_samples needs decoder_weighting='posterior': the decoder is "
+                                 "fitted on the kept samples with their weights, not on all K uniformly.")
+            if update_samples < num_samples and greedy_candidate:
+                raise ValueError("update_samples < num_samples cannot be combined with greedy_candidate.")
+        self.update_samples = None if update_samples in (None, num_samples) else update_samples
         self.greedy_candidate = greedy_candidate
         self.exploration = float(exploration)
         if decoder_weighting not in ("uniform", "posterior"):
@@ -72,6 +83,8 @@ class DapsMethod(nn.Module):
         self.generator: torch.Generator | None = None
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+        if self.update_samples is not None:
+            return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
         offset = None
         if self.greedy_candidate or self.exploration > 0:
@@ -95,20 +108,60 @@ class DapsMethod(nn.Module):
             # Fit the decoder to the improved posterior q* (the same weights the encoder is pulled towards) rather
             # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
             decoder_loss = -(weights * rewards).sum(-1).mean()
-        ess = objective.effective_sample_size(weights).mean()
         self._pending = (all_rewards, all_log_q, beta, all_offset)
-        codes = output.codes
+        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, log_q, output.codes)
+
+    def _statistics(self, encoder_loss, decoder_loss, weights, eta, beta, log_q, codes, **extra) -> dict:
+        config = self.model.config
         return {
             "loss": encoder_loss + decoder_loss,
             "encoder_loss": encoder_loss.detach(),
             "decoder_loss": decoder_loss.detach(),
-            "ess": ess.detach(),
+            "ess": objective.effective_sample_size(weights).mean().detach(),
             "ess_target": self.eta_control.target_ess,
             "eta": eta,
             "beta": beta,
-            "kl_nats": (log_q.detach() + self.model.config.num_tokens * math.log(self.model.config.codebook_size)).mean(),
-            "code_usage": codes.unique().numel() / self.model.config.codebook_size,
+            "kl_nats": (log_q.detach() + config.num_tokens * math.log(config.codebook_size)).mean(),
+            "code_usage": codes.unique().numel() / config.codebook_size,
+            **extra,
         }
+
+    def _forward_kept_samples(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+        """A DAPS step whose losses use only the M = `update_samples` heaviest of the K samples per image.
+
+        The K samples are drawn, decoded and weighted without gradient (log q from sampling, rewards from a no-grad
+        decode), so η and the weights are exactly those of the plain step. Only the M codes of largest weight per
+        image are then teacher-forced and decoded again with gradient, and their weights renormalised over the M:
+        the weighted-ML projection onto q* with its lightest terms dropped. The backward passes, most of a step's
+        cost, scale with M instead of K, so a step can look at more candidates for the same price. `kept_weight`
+        in the log is the mean weight mass the M kept (1 means nothing was dropped).
+        """
+        model = self.model
+        k, m = self.num_samples, self.update_samples
+        memory = model.encode_patches(pixel_values)                       # (B, P, d), with gradient
+        with torch.no_grad():
+            codes, sampled_log_q, log_proposal = model._sample_from_memory(
+                memory.detach(), k, 1.0, self.generator, exploration=self.exploration, return_proposal=True)
+            sampled_log_q = sampled_log_q.float()
+            offset = (sampled_log_q - log_proposal.float()) if self.exploration > 0 else None
+            rewards, _ = model._reconstruction_log_likelihood(targets, codes)
+            rewards = rewards.float()                                     # (B, K)
+        beta = self.beta_schedule(progress)
+        all_rewards, all_log_q = self.gather(rewards), self.gather(sampled_log_q)
+        all_offset = None if offset is None else self.gather(offset)
+        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta, all_offset)
+        weights = objective.daps_weights(rewards, sampled_log_q, beta, eta, offset)   # (B, K)
+        kept_weights, kept = weights.topk(m, dim=1)                                     # (B, M)
+        kept_mass = kept_weights.sum(dim=1, keepdim=True)
+        kept_weights = kept_weights / kept_mass
+        kept_codes = codes.gather(1, kept[..., None].expand(-1, -1, codes.shape[-1]))   # (B, M, L)
+        log_q = model._log_prob_from_memory(memory, kept_codes).float()                 # (B, M), with gradient
+        kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
+        encoder_loss = objective.encoder_loss(log_q, kept_weights)
+        decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
+        self._pending = (all_rewards, all_log_q, beta, all_offset)
+        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
+                                kept_weight=kept_mass.mean().detach())
 
     def _sample_and_score(self, pixel_values: torch.Tensor, targets: torch.Tensor):
         """The candidates of a step when they are not K plain samples of q, scored like samples.
