@@ -319,6 +319,8 @@ class TrainingStep:
         from training import trainer
         from training.arguments import TrainArguments
 
+        # The step: K teacher-forced passes and K decodes with gradient (no --update_samples trimming).
+        overrides.setdefault("update_samples", num_samples)
         arguments = TrainArguments(dataset=PRESET_DATASETS.get(preset, "photo-crops"), preset=preset, method=method,
                                    num_samples=num_samples, **overrides)
         self.args = trainer.resolve_defaults(arguments)

@@ -33,8 +33,9 @@ class TrainArguments:
                             "(elapsed seconds) or 'process' (CPU seconds of this process, every thread summed: fair "
                             "budgets on a shared machine when each run uses one thread)."})
     batch_size: int = field(default=128, metadata={"help": "Images per optimiser step, over all processes."})
-    num_samples: int = field(default=4, metadata={"help": "K: codes sampled per image in a DAPS step (paper: 8; 4 "
-                             "learned faster per CPU-second here, benchmarks/RESULTS.md)."})
+    num_samples: int = field(default=6, metadata={"help": "K: codes sampled per image in a DAPS step (paper: 8; 6 with "
+                             "the 2 heaviest kept for the update learned fastest per CPU-second here, "
+                             "benchmarks/RESULTS.md)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clipping (0 disables)."})
@@ -56,7 +57,8 @@ class TrainArguments:
                               "(1 − ε)·q + ε·uniform and importance-weight by q/μ (same target q*, more exploration)."})
     update_samples: int | None = field(default=None, metadata={"help": "DAPS: M, how many of the K samples per image "
                                  "(largest weight first) the losses and their backward passes use; all K are still "
-                                 "sampled, decoded and weighted without gradient. Default: all K."})
+                                 "sampled, decoded and weighted without gradient. Default: ceil(ρK), as many as the "
+                                 "ESS target (all K with decoder_weighting 'uniform' or greedy_candidate)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})
@@ -66,7 +68,8 @@ class TrainArguments:
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})
     initializer_range: float | None = field(default=None, metadata={"help": "Override the weight initialisation std."})
-    head_initializer_range: float | None = field(default=None, metadata={"help": "Override the code head's init std."})
+    head_initializer_range: float | None = field(default=None, metadata={"help": "Override the code head's init std "
+                                                 "(default: 0.3 for daps and daps-na, the preset's for the baselines)."})
     image_size: int | None = field(default=None, metadata={"help": "Resize the dataset's images to this size."})
     init_from: str | None = field(default=None, metadata={"help": "Start from a saved tokenizer folder (fine-tuning)."})
     eval_every: int = field(default=250, metadata={"help": "Held-out evaluation every N steps (0: only at the end)."})
