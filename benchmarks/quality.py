@@ -40,11 +40,15 @@ METHODS = ["daps", "daps-na", "fsq", "vq", "gumbel", "gumbel-na"]
 
 # DAPS levers, each one change from the default recipe, measured at equal wall-clock (issue: make DAPS win).
 ABLATION = {
-    "default (K=4, decoder on q*, exact η, init 1/sqrt(d))": [],
+    "default (K=6 keep 2, head 0.3, decoder on q*, exact η)": [],
+    "keep all K (no trimming)": ["--update_samples", "6"],
+    "head init 0.02 (q starts uniform)": ["--head_initializer_range", "0.02"],
+    "K=4, all kept, head 0.02 (session-1 default)": ["--num_samples", "4", "--update_samples", "4",
+                                                     "--head_initializer_range", "0.02"],
+    "K=8 keep 3": ["--num_samples", "8", "--update_samples", "3"],
+    "K=8, all kept (paper)": ["--num_samples", "8", "--update_samples", "8"],
     "η: reference Adam control (η0 100, lr 1e-3)": ["--eta_control", "adam"],
     "η: Adam control from η0 1, lr 0.05": ["--eta_control", "adam", "--initial_eta", "1", "--eta_learning_rate", "0.05"],
-    "K=8 (paper)": ["--num_samples", "8"],
-    "K=2": ["--num_samples", "2"],
     "decoder on all K samples (paper)": ["--decoder_weighting", "uniform"],
     "init std 0.02 everywhere": ["--initializer_range", "0.02", "--head_initializer_range", "0.02"],
     "rho 0.1": ["--ess_target", "0.1"],
