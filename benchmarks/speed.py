@@ -97,9 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-batch-size", type=int, default=None,
                         help="images per training step (default 32; --quick: 8). A cifar DAPS step at 256 images "
                              "× K=8 takes about a minute on one thread.")
-    parser.add_argument("--num-samples", type=int, nargs="+", default=[8, 4],
-                        help="the K values of the DAPS training steps (default: 8, the paper's, and 4, the "
-                             "trainer's default)")
+    parser.add_argument("--num-samples", type=_daps_step, nargs="+", default=[(8, 8), (4, 4), (6, 2)],
+                        help="the DAPS training steps timed, each K (all K samples kept for the update, the paper's "
+                             "step) or K:M (M of them kept, `--update_samples M`); default: 8 (the paper's), 4, and "
+                             "6:2 (the trainer's default)")
     parser.add_argument("--methods", nargs="+", default=["daps", "vq", "fsq"], choices=["daps", "vq", "fsq"],
                         help="training methods timed (default: daps vq fsq)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -150,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "benchmarks/results/speed-parity.md" if args.parity else "benchmarks/speed_results.md")
     if args.scaling and args.parity:
         parser.error("--scaling and --parity are separate runs")
+    args.daps_steps = args.num_samples
+    args.num_samples = [k for k, _ in args.daps_steps]
     if min(args.batch_size, args.train_batch_size, *args.num_samples, args.threads, args.repeats, args.steps) < 1:
         parser.error("sizes, threads, steps and repeats must be >= 1")
     if args.device == "auto":
@@ -157,6 +160,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible to torch")
     return args
+
+
+def _daps_step(text: str) -> tuple[int, int]:
+    """'K' → (K, K); 'K:M' → (K, M), the samples drawn and the samples kept for the update."""
+    try:
+        k, _, m = text.partition(":")
+        k, m = int(k), int(m or k)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K or K:M, got {text!r}") from None
+    if not 1 <= m <= k:
+        raise argparse.ArgumentTypeError(f"need 1 <= M <= K, got {text!r}")
+    return k, m
 
 
 def cpu_model() -> str:
@@ -333,7 +348,8 @@ class TrainingStep:
                                            weight_decay=self.args.weight_decay)
         self.max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
         self.device = device
-        self.name = method if method not in ("daps", "daps-na") else f"{method} K={num_samples}"
+        self.name = method if method not in ("daps", "daps-na") else f"{method} K={num_samples}" + (
+            f" keep {self.args.update_samples}" if self.args.update_samples != num_samples else "")
 
     def run(self, images: torch.Tensor, dtype: str, progress: float = 0.5) -> None:
         with autocast_context(dtype, self.device):
@@ -386,13 +402,14 @@ def benchmark_inference(preset: str, args, generator: torch.Generator) -> dict:
     }
 
 
-def training_variants(args) -> list[tuple[str, int]]:
+def training_variants(args) -> list[tuple[str, int, int]]:
+    """(method, K, M) of every training step timed."""
     variants = []
     for method in args.methods:
         if method == "daps":
-            variants += [("daps", k) for k in args.num_samples]
+            variants += [("daps", k, m) for k, m in args.daps_steps]
         else:
-            variants.append((method, 1))
+            variants.append((method, 1, 1))
     return variants
 
 
@@ -401,13 +418,14 @@ def benchmark_training(preset: str, args, generator: torch.Generator) -> dict:
     config = DapsConfig.from_preset(preset)
     images = make_images(config, args.train_batch_size, generator, args.device)
     steps, flops = {}, {}
-    for method, k in training_variants(args):
-        counting = TrainingStep(preset, method, k, args.device, seed=args.seed)  # its own copy: the count steps it
+    for method, k, m in training_variants(args):
+        # its own copy: the count steps it
+        counting = TrainingStep(preset, method, k, args.device, seed=args.seed, update_samples=m)
         total, by_op = count_flops(lambda step=counting: step.run(images, "fp32"))
         name = counting.name
         flops[name] = {"per_image": total / args.train_batch_size, "by_op": by_op}
         for dtype in args.dtype:
-            steps[(name, dtype)] = TrainingStep(preset, method, k, args.device, seed=args.seed)
+            steps[(name, dtype)] = TrainingStep(preset, method, k, args.device, seed=args.seed, update_samples=m)
 
     variants = {key: (lambda step=step, dtype=key[1]: step.run(images, dtype)) for key, step in steps.items()}
     repeats = max(3, args.repeats // 2)
@@ -598,7 +616,7 @@ def render(args, limit, inference, training, default_train, profiles, started, e
                 rate = args.train_batch_size / seconds
                 per_step = result["flops"][name]["per_image"] * args.train_batch_size / 1e9
                 gflops = per_step / seconds
-                k = name.split("K=")[1] if "K=" in name else None
+                k = name.split("K=")[1].split()[0] if "K=" in name else None
                 size = f"{args.train_batch_size} × {k}" if k else f"{args.train_batch_size}"
                 lines.append(
                     f"| {preset} | {name} | {dtype} | {size} | {1e3 * seconds:,.1f} | {rate:,.1f} | {per_step:,.1f} | "
@@ -622,8 +640,8 @@ def render(args, limit, inference, training, default_train, profiles, started, e
             "",
             "## The default `daps train` (child process)",
             "",
-            f"`{default_train['command']}` (mnist-5k, mnist preset, DAPS, batch 128, K = 4; evaluation only at the "
-            "end): steps/s over the training time the run logs itself; peak RSS of the training process (its "
+            f"`{default_train['command']}` (mnist-5k, mnist preset, DAPS with the trainer's defaults, batch 128, K = 6 with 2 kept; "
+            "evaluation only at the end): steps/s over the training time the run logs itself; peak RSS of the training process (its "
             "`ru_maxrss`, as `/usr/bin/time -v` reports it); wall time includes start-up, data loading and the final "
             "evaluation.",
             "",
