@@ -51,6 +51,11 @@ class DapsMethod(nn.Module):
         beta_schedule: a callable progress ∈ [0, 1] → β.
         gather: a callable that concatenates a (B, K) tensor over processes (identity on one process), so η is
             computed from the global batch and is the same on every process.
+        decoder_weighting: "uniform" (the paper's Monte Carlo over all K) or "posterior" (weighted by w).
+        greedy_candidate: score the greedy code as candidate K + 1.
+        exploration: ε of the proposal (1 − ε)·q + ε·uniform, importance-weighted back to the same target.
+        update_samples: M ≤ K, how many of the K samples per image (heaviest first) the losses use; None or K: all
+            (see `_forward_kept_samples`).
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
