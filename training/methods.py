@@ -98,13 +98,7 @@ class DapsMethod(nn.Module):
             output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
         log_q = output.log_prob.float()                                  # ℓ_ik, (B, K), with gradient
         rewards = output.reconstruction_log_likelihood.float()           # r_ik, (B, K), with gradient
-        beta = self.beta_schedule(progress)
-        # 8 (first half). η for this step from the global batch: solved exactly, or the controller's current value.
-        all_rewards, all_log_q = self.gather(rewards.detach()), self.gather(log_q.detach())
-        all_offset = None if offset is None else self.gather(offset)
-        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta, all_offset)
-        # 3-4. Advantages against the log-sum-exp baseline, log-weights (A − β ℓ)/(η + β), softmax over K.
-        weights = objective.daps_weights(rewards.detach(), log_q.detach(), beta, eta, offset)
+        beta, eta, weights = self._weigh(rewards.detach(), log_q.detach(), offset, progress)
         # 5-6. Weighted maximum likelihood for the encoder, Monte Carlo maximum likelihood for the decoder.
         encoder_loss = objective.encoder_loss(log_q, weights)
         if self.decoder_weighting == "uniform":
@@ -113,8 +107,22 @@ class DapsMethod(nn.Module):
             # Fit the decoder to the improved posterior q* (the same weights the encoder is pulled towards) rather
             # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
             decoder_loss = -(weights * rewards).sum(-1).mean()
-        self._pending = (all_rewards, all_log_q, beta, all_offset)
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, log_q, output.codes)
+
+    def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
+        """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).
+
+        η comes from the global batch (solved exactly, or the controller's current value); what the control's
+        `after_step` needs is kept for it.
+        """
+        beta = self.beta_schedule(progress)
+        all_rewards, all_log_q = self.gather(rewards), self.gather(log_q)
+        all_offset = None if offset is None else self.gather(offset)
+        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta, all_offset)
+        # Advantages against the log-sum-exp baseline, log-weights (A − β ℓ)/(η + β), softmax over K.
+        weights = objective.daps_weights(rewards, log_q, beta, eta, offset)
+        self._pending = (all_rewards, all_log_q, beta, all_offset)
+        return beta, eta, weights
 
     def _statistics(self, encoder_loss, decoder_loss, weights, eta, beta, log_q, codes, **extra) -> dict:
         config = self.model.config
@@ -151,11 +159,7 @@ class DapsMethod(nn.Module):
             offset = (sampled_log_q - log_proposal.float()) if self.exploration > 0 else None
             rewards, _ = model._reconstruction_log_likelihood(targets, codes)
             rewards = rewards.float()                                     # (B, K)
-        beta = self.beta_schedule(progress)
-        all_rewards, all_log_q = self.gather(rewards), self.gather(sampled_log_q)
-        all_offset = None if offset is None else self.gather(offset)
-        eta = self.eta_control.eta_for_step(all_rewards, all_log_q, beta, all_offset)
-        weights = objective.daps_weights(rewards, sampled_log_q, beta, eta, offset)   # (B, K)
+        beta, eta, weights = self._weigh(rewards, sampled_log_q, offset, progress)    # weights (B, K)
         kept_weights, kept = weights.topk(m, dim=1)                                     # (B, M)
         kept_mass = kept_weights.sum(dim=1, keepdim=True)
         kept_weights = kept_weights / kept_mass
@@ -164,7 +168,6 @@ class DapsMethod(nn.Module):
         kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
         encoder_loss = objective.encoder_loss(log_q, kept_weights)
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
-        self._pending = (all_rewards, all_log_q, beta, all_offset)
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach())
 
