@@ -198,6 +198,31 @@ def test_fsq_codes_round_trip_through_their_values():
     assert set(codes.tolist()) == set(range(16))
 
 
+@pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
+def test_lattice_code_embedding_is_the_fsq_decoder_input_and_is_never_trained(encoder, tmp_path):
+    # code_embedding_type="lattice": a categorical code c enters the decoder as the FSQ lattice point with index c,
+    # so the decoder sees exactly what an FSQ decoder with the same levels sees for that code; no gradient reaches it.
+    model = make_model("tiny", encoder_type=encoder, code_embedding_type="lattice", fsq_levels=[4, 4]).train()
+    fsq = make_model("tiny", encoder_type="parallel", quantizer="fsq", fsq_levels=[4, 4])
+    codes = torch.arange(16).view(4, 4)
+    torch.testing.assert_close(model.embed_codes(codes), fsq.quantizer.codes_to_values(codes), atol=0, rtol=0)
+    assert model.decoder.conv_in.in_channels == 2
+    fsq.decoder.load_state_dict(model.decoder.state_dict())
+    torch.testing.assert_close(model.decode(codes).pixel_values, fsq.decode(codes).pixel_values)
+    x = random_images(model.config, 4)
+    before = model.code_embedding.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    out = model(x, num_samples=2)
+    (-(out.log_prob + out.reconstruction_log_likelihood).mean()).backward()
+    assert model.code_embedding.weight.grad is None and model.decoder.conv_in.weight.grad is not None
+    optimizer.step()
+    assert torch.equal(model.code_embedding.weight, before)
+    model.save_pretrained(tmp_path)
+    loaded = DapsModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.code_embedding_type == "lattice"
+    assert torch.equal(loaded.embed_codes(codes), model.embed_codes(codes))
+
+
 # ----------------------------------------------------------------------------------------------- save / load
 def test_save_and_load_reproduce_outputs_exactly(tmp_path):
     model = make_model("tiny")
@@ -303,6 +328,10 @@ def _bad_inputs():
         ("heads do not divide width", lambda: DapsConfig(hidden_size=30, num_heads=4), ValueError, "num_heads"),
         ("fsq levels mismatch", lambda: DapsConfig(encoder_type="parallel", quantizer="fsq", fsq_levels=[4, 4]), ValueError, "product"),
         ("vq needs parallel", lambda: DapsConfig(quantizer="vq"), ValueError, "parallel"),
+        ("lattice needs levels", lambda: DapsConfig(code_embedding_type="lattice"), ValueError, "fsq_levels"),
+        ("lattice levels mismatch", lambda: DapsConfig(code_embedding_type="lattice", fsq_levels=[8, 8]), ValueError, "product"),
+        ("lattice is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="vq", code_embedding_type="lattice"), ValueError, "categorical"),
+        ("unknown code embedding", lambda: DapsConfig(code_embedding_type="random"), ValueError, "code_embedding_type"),
         ("unknown preset", lambda: DapsConfig.from_preset("svhn"), ValueError, "presets"),
         ("unknown likelihood", lambda: DapsConfig(likelihood="laplace"), ValueError, "likelihood"),
         ("three channels only", lambda: DapsConfig(num_channels=4), ValueError, "num_channels"),

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tokenizer import DapsModel
+from tokenizer.modeling_daps import DapsFiniteScalarQuantizer
 from training.arguments import TrainArguments
 from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.data import load_image_splits
@@ -331,3 +332,20 @@ def test_kept_samples_rejects_bad_settings_and_trains_end_to_end(tmp_path):
     assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
     rows = [row for row in read_log(tmp_path / "run") if "kept_weight" in row]
     assert rows and all(0 < row["kept_weight"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("method", ["daps", "gumbel"])
+def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path, method):
+    # --code_embedding lattice: the categorical methods decode through the FSQ baseline's fixed lattice inputs.
+    args = resolve_defaults(tiny_args(tmp_path, method=method, code_embedding="lattice", max_steps=4))
+    config, _ = build_config(args, image_size=8, num_channels=1)
+    assert config.code_embedding_type == "lattice" and math.prod(config.fsq_levels) == config.codebook_size
+    metrics = train(args)
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    model = DapsModel.from_pretrained(tmp_path / "run")
+    codes = torch.arange(config.codebook_size)[None]
+    lattice = DapsFiniteScalarQuantizer(config.fsq_levels).codes_to_values(codes)
+    torch.testing.assert_close(model.embed_codes(codes), lattice, atol=0, rtol=0)
+    for bad in (dict(method="fsq", code_embedding="lattice"), dict(code_embedding="random")):
+        with pytest.raises(ValueError, match="code_embedding"):
+            build_config(resolve_defaults(tiny_args(tmp_path, **bad)), image_size=8, num_channels=1)

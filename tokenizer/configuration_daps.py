@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 ENCODER_TYPES = ("autoregressive", "parallel")
 QUANTIZERS = ("categorical", "vq", "fsq")
+CODE_EMBEDDING_TYPES = ("learned", "lattice")
 DECODER_TYPES = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -63,7 +64,13 @@ class DapsConfig(PretrainedConfig):
             quantiser baselines: every code predicted at once from learned per-position queries).
         quantizer: "categorical" (a distribution over codes: DAPS, Gumbel-Softmax), "vq" (nearest codebook
             vector) or "fsq" (finite scalar quantisation); "vq" and "fsq" need `encoder_type="parallel"`.
-        fsq_levels: levels per FSQ dimension; their product must equal `codebook_size`.
+        fsq_levels: levels per FSQ dimension; their product must equal `codebook_size`. Also the lattice of
+            `code_embedding_type="lattice"`.
+        code_embedding_type: how a categorical code enters the decoder. "learned": a free embedding vector per code
+            (trained only when the code is used). "lattice": code c is the point of the FSQ lattice `fsq_levels`
+            whose mixed-radix index is c (values in [-1, 1], dimension len(fsq_levels)), fixed, not trained: the
+            decoder then sees exactly what an FSQ decoder sees, every code decodes to something sensible from the
+            first step, and neighbouring codes decode alike.
         vq_dim: dimension of the VQ codebook vectors.
         decoder_type: "conv" (codes on a grid, residual blocks, transposed convolutions) or "mlp".
         decoder_hidden_size: channels of the conv decoder, or width of the MLP decoder.
@@ -96,6 +103,7 @@ class DapsConfig(PretrainedConfig):
     encoder_type: str = "autoregressive"
     quantizer: str = "categorical"
     fsq_levels: list[int] | None = None
+    code_embedding_type: str = "learned"
     vq_dim: int = 32
     decoder_type: str = "conv"
     decoder_hidden_size: int = 128
@@ -158,7 +166,8 @@ class DapsConfig(PretrainedConfig):
         if not self.mlp_ratio > 0:
             raise ValueError(f"DapsConfig.mlp_ratio must be positive, got {self.mlp_ratio}.")
         for name, allowed in (("encoder_type", ENCODER_TYPES), ("quantizer", QUANTIZERS),
-                              ("decoder_type", DECODER_TYPES), ("likelihood", LIKELIHOODS)):
+                              ("decoder_type", DECODER_TYPES), ("likelihood", LIKELIHOODS),
+                              ("code_embedding_type", CODE_EMBEDDING_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DapsConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.quantizer in ("vq", "fsq") and self.encoder_type != "parallel":
@@ -166,7 +175,11 @@ class DapsConfig(PretrainedConfig):
                 f"quantizer={self.quantizer!r} is deterministic and needs encoder_type='parallel', "
                 f"got encoder_type={self.encoder_type!r}."
             )
-        if self.quantizer == "fsq":
+        if self.code_embedding_type == "lattice" and self.quantizer != "categorical":
+            raise ValueError(
+                f"code_embedding_type='lattice' embeds categorical codes; quantizer={self.quantizer!r} has its own."
+            )
+        if self.quantizer == "fsq" or self.code_embedding_type == "lattice":
             if not self.fsq_levels or any(not isinstance(l, int) or l < 2 for l in self.fsq_levels):
                 raise ValueError(f"DapsConfig.fsq_levels must be a list of integers >= 2, got {self.fsq_levels!r}.")
             if math.prod(self.fsq_levels) != self.codebook_size:

@@ -470,6 +470,10 @@ class DapsPreTrainedModel(PreTrainedModel):
             init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, DapsCodeTransformer) and self.config.head_initializer_range is not None:
             init.normal_(module.head.weight, mean=0.0, std=self.config.head_initializer_range)
+        if (module is getattr(self, "code_embedding", None) and self.config.quantizer == "categorical"
+                and self.config.code_embedding_type == "lattice"):
+            lattice = DapsFiniteScalarQuantizer(self.config.fsq_levels)
+            init.copy_(module.weight, lattice.codes_to_values(torch.arange(self.config.codebook_size)))
         if isinstance(module, DapsFiniteScalarQuantizer):
             levels, basis = DapsFiniteScalarQuantizer.level_tensors(self.config.fsq_levels)
             init.copy_(module.levels, levels)
@@ -493,6 +497,9 @@ class DapsModel(DapsPreTrainedModel):
             head_size = config.codebook_size
             # The conv decoder reads embeddings as channels; the MLP decoder concatenates L of them.
             embedding_dim = config.decoder_hidden_size if config.decoder_type == "conv" else config.hidden_size
+            if config.code_embedding_type == "lattice":
+                # Fixed lattice points (see DapsConfig.code_embedding_type), set in _init_weights, never trained.
+                embedding_dim = len(config.fsq_levels)
             self.code_embedding = nn.Embedding(config.codebook_size, embedding_dim)
         elif config.quantizer == "vq":
             self.quantizer = DapsVectorQuantizer(config.codebook_size, config.vq_dim)
@@ -729,8 +736,14 @@ class DapsModel(DapsPreTrainedModel):
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, L) → the decoder's input embeddings (N, L, e)."""
         if self.config.quantizer == "categorical":
-            return self.code_embedding(codes)
+            return F.embedding(codes, self.code_embedding_weight)
         return self.quantizer.codes_to_values(codes).to(self.decoder_dtype)
+
+    @property
+    def code_embedding_weight(self) -> torch.Tensor:
+        """The (V, e) table a categorical code is embedded with; detached (never trained) for the fixed lattice."""
+        weight = self.code_embedding.weight
+        return weight.detach() if self.config.code_embedding_type == "lattice" else weight
 
     @property
     def decoder_dtype(self) -> torch.dtype:

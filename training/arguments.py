@@ -64,6 +64,9 @@ class TrainArguments:
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})
     vq_restart_dead_codes: bool = field(default=True, metadata={"help": "VQ: re-seed unused codes from encoder outputs."})
     fsq_levels: str | None = field(default=None, metadata={"help": "FSQ levels, e.g. '8,8,8' (default: about V codes)."})
+    code_embedding: str = field(default="learned", metadata={"help": "Categorical methods: how a code enters the "
+                                "decoder: 'learned' (a free vector per code) or 'lattice' (the fixed point of the FSQ "
+                                "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input)."})
     num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})

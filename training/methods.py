@@ -335,7 +335,8 @@ class GumbelMethod(nn.Module):
         soft = torch.softmax(perturbed / temperature, dim=-1)
         hard = F.one_hot(hard_codes, config.codebook_size).to(soft.dtype)
         one_hot = hard + soft - soft.detach()
-        embeddings = one_hot.to(model.code_embedding.weight.dtype) @ model.code_embedding.weight
+        table = model.code_embedding_weight
+        embeddings = one_hot.to(table.dtype) @ table
         reward = _reconstruction_log_likelihood(model, embeddings, targets)
         log_probs = torch.log_softmax(logits, dim=-1)
         kl = (log_probs.exp() * log_probs).sum(-1).sum(-1) + config.num_tokens * math.log(config.codebook_size)

@@ -67,7 +67,12 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
         changes["quantizer"] = "vq"
-    if args.method == "fsq":
+    if args.code_embedding not in ("learned", "lattice"):
+        raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {args.code_embedding!r}.")
+    lattice = args.code_embedding == "lattice"
+    if lattice and args.method in ("vq", "fsq"):
+        raise ValueError(f"--code_embedding lattice is for the categorical methods; {args.method} embeds its own codes.")
+    if args.method == "fsq" or lattice:
         codebook_size = changes.get("codebook_size", config.codebook_size)
         if args.fsq_levels:
             levels = [int(v) for v in args.fsq_levels.split(",")]
@@ -75,9 +80,13 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
             levels = FSQ_LEVELS[codebook_size]
         else:
             raise ValueError(f"No default FSQ levels for codebook_size {codebook_size}; pass --fsq_levels, e.g. 8,8,8.")
-        changes.update(quantizer="fsq", fsq_levels=levels, codebook_size=math.prod(levels))
+        changes.update(fsq_levels=levels, codebook_size=math.prod(levels))
+        if args.method == "fsq":
+            changes["quantizer"] = "fsq"
+        else:
+            changes["code_embedding_type"] = "lattice"
         if math.prod(levels) != codebook_size:
-            notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (FSQ levels {levels})")
+            notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (lattice levels {levels})")
     return replace_config(config, **changes), notes
 
 
