@@ -223,6 +223,31 @@ def test_lattice_code_embedding_is_the_fsq_decoder_input_and_is_never_trained(en
     assert torch.equal(loaded.embed_codes(codes), model.embed_codes(codes))
 
 
+@pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
+def test_factorized_code_head_is_an_exact_product_of_coordinate_softmaxes(encoder, tmp_path):
+    model = make_model("tiny", encoder_type=encoder, code_head="factorized", fsq_levels=[2, 8],
+                       head_initializer_range=0.5)
+    head = model.code_transformer.head
+    assert head.out_features == 2 + 8
+    x = random_images(model.config, 3)
+    out = model.encode(x, num_samples=6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.log_prob, model.log_prob(x, out.codes), atol=1e-5, rtol=1e-5)
+    memory = model.encode_patches(x)
+    logits = model.code_logits(memory, out.codes)                                    # (B, K, L, V)
+    torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(logits.shape[:-1]), atol=1e-5, rtol=0)
+    # log q(code) = log q_1(code mod 2) + log q_2(code div 2), from the head's raw outputs.
+    codes = torch.arange(16)
+    hidden = torch.randn(5, model.config.hidden_size)
+    raw = head(model.code_transformer.norm(hidden))
+    first, second = raw[:, :2].log_softmax(-1), raw[:, 2:].log_softmax(-1)
+    expected = first[:, codes % 2] + second[:, codes // 2]
+    torch.testing.assert_close(model.code_transformer.project(hidden), expected)
+    greedy = model.encode(x).codes
+    model.save_pretrained(tmp_path)
+    loaded = DapsModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.encode(x).codes, greedy)
+
+
 # ----------------------------------------------------------------------------------------------- save / load
 def test_save_and_load_reproduce_outputs_exactly(tmp_path):
     model = make_model("tiny")
@@ -331,6 +356,8 @@ def _bad_inputs():
         ("lattice needs levels", lambda: DapsConfig(code_embedding_type="lattice"), ValueError, "fsq_levels"),
         ("lattice levels mismatch", lambda: DapsConfig(code_embedding_type="lattice", fsq_levels=[8, 8]), ValueError, "product"),
         ("lattice is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="vq", code_embedding_type="lattice"), ValueError, "categorical"),
+        ("factorized head is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="vq", code_head="factorized", fsq_levels=[8, 8, 8]), ValueError, "categorical"),
+        ("factorized head needs levels", lambda: DapsConfig(code_head="factorized"), ValueError, "fsq_levels"),
         ("unknown code embedding", lambda: DapsConfig(code_embedding_type="random"), ValueError, "code_embedding_type"),
         ("unknown preset", lambda: DapsConfig.from_preset("svhn"), ValueError, "presets"),
         ("unknown likelihood", lambda: DapsConfig(likelihood="laplace"), ValueError, "likelihood"),

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 ENCODER_TYPES = ("autoregressive", "parallel")
 QUANTIZERS = ("categorical", "vq", "fsq")
 CODE_EMBEDDING_TYPES = ("learned", "lattice")
+CODE_HEADS = ("full", "factorized")
 DECODER_TYPES = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -71,6 +72,10 @@ class DapsConfig(PretrainedConfig):
             whose mixed-radix index is c (values in [-1, 1], dimension len(fsq_levels)), fixed, not trained: the
             decoder then sees exactly what an FSQ decoder sees, every code decodes to something sensible from the
             first step, and neighbouring codes decode alike.
+        code_head: the categorical encoder's distribution over the V values of one code. "full": V free logits.
+            "factorized": the code is read as its FSQ-lattice coordinates (`fsq_levels`, mixed radix) and each
+            coordinate gets its own softmax (sum(fsq_levels) logits), q(z_t | ·) = Π_d q_d(coordinate d | ·): codes that
+            share a coordinate share what the encoder learns about it. Still an exact categorical over V values.
         vq_dim: dimension of the VQ codebook vectors.
         decoder_type: "conv" (codes on a grid, residual blocks, transposed convolutions) or "mlp".
         decoder_hidden_size: channels of the conv decoder, or width of the MLP decoder.
@@ -104,6 +109,7 @@ class DapsConfig(PretrainedConfig):
     quantizer: str = "categorical"
     fsq_levels: list[int] | None = None
     code_embedding_type: str = "learned"
+    code_head: str = "full"
     vq_dim: int = 32
     decoder_type: str = "conv"
     decoder_hidden_size: int = 128
@@ -167,7 +173,7 @@ class DapsConfig(PretrainedConfig):
             raise ValueError(f"DapsConfig.mlp_ratio must be positive, got {self.mlp_ratio}.")
         for name, allowed in (("encoder_type", ENCODER_TYPES), ("quantizer", QUANTIZERS),
                               ("decoder_type", DECODER_TYPES), ("likelihood", LIKELIHOODS),
-                              ("code_embedding_type", CODE_EMBEDDING_TYPES)):
+                              ("code_embedding_type", CODE_EMBEDDING_TYPES), ("code_head", CODE_HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DapsConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.quantizer in ("vq", "fsq") and self.encoder_type != "parallel":
@@ -179,7 +185,9 @@ class DapsConfig(PretrainedConfig):
             raise ValueError(
                 f"code_embedding_type='lattice' embeds categorical codes; quantizer={self.quantizer!r} has its own."
             )
-        if self.quantizer == "fsq" or self.code_embedding_type == "lattice":
+        if self.code_head == "factorized" and self.quantizer != "categorical":
+            raise ValueError(f"code_head='factorized' is a categorical head; quantizer={self.quantizer!r} has none.")
+        if self.quantizer == "fsq" or self.code_embedding_type == "lattice" or self.code_head == "factorized":
             if not self.fsq_levels or any(not isinstance(l, int) or l < 2 for l in self.fsq_levels):
                 raise ValueError(f"DapsConfig.fsq_levels must be a list of integers >= 2, got {self.fsq_levels!r}.")
             if math.prod(self.fsq_levels) != self.codebook_size:

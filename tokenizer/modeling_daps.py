@@ -276,8 +276,31 @@ class DapsCodeTransformer(nn.Module):
         )
         self.layers = nn.ModuleList([DapsCodeLayer(config) for _ in range(config.code_layers)])
         self.norm = nn.LayerNorm(config.hidden_size)
+        self.factorized = config.quantizer == "categorical" and config.code_head == "factorized"
+        if self.factorized:
+            self.levels = list(config.fsq_levels)
+            head_size = sum(self.levels)
+            self.register_buffer("lattice_columns", self.lattice_columns_for(self.levels), persistent=False)
         self.head = nn.Linear(config.hidden_size, head_size)
         self.bos_token_id = config.codebook_size
+
+    @staticmethod
+    def lattice_columns_for(levels: list[int]) -> torch.Tensor:
+        """(V, D): for each code, the column of each of its lattice coordinates in the factorized head's output."""
+        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), dim=0)
+        offsets = torch.cumsum(torch.tensor([0] + list(levels[:-1])), dim=0)
+        codes = torch.arange(math.prod(levels))[:, None]
+        return (codes // basis) % torch.tensor(levels) + offsets
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (..., d) → head outputs (..., head_size); for the factorized head, the normalised
+        log-probabilities of all V codes (..., V): the sum of each coordinate's log-softmax."""
+        output = self.head(self.norm(hidden))
+        if not self.factorized:
+            return output
+        output = output.float()
+        log_probs = torch.cat([torch.log_softmax(part, dim=-1) for part in output.split(self.levels, dim=-1)], dim=-1)
+        return log_probs[..., self.lattice_columns].sum(-1)
 
     def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.cross_attention.memory_keys_values(memory) for layer in self.layers]
@@ -288,14 +311,14 @@ class DapsCodeTransformer(nn.Module):
         hidden = self.token_embedding(torch.cat([bos, codes[:, :-1]], dim=1)) + self.positions
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=True)
-        return self.head(self.norm(hidden))
+        return self.project(hidden)
 
     def parallel(self, batch_size: int, memory_kv) -> torch.Tensor:
         """Parallel encoder: head outputs of every position, (B, L, head_size)."""
         hidden = (self.queries + self.positions).expand(batch_size, -1, -1)
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=False)
-        return self.head(self.norm(hidden))
+        return self.project(hidden)
 
     def new_cache(self, num_sequences: int, reference: torch.Tensor) -> list[DapsLayerCache]:
         attention = self.layers[0].self_attention
@@ -313,7 +336,7 @@ class DapsCodeTransformer(nn.Module):
         hidden = self.token_embedding(previous_codes)[:, None] + self.positions[position]
         for layer, layer_kv, layer_cache in zip(self.layers, memory_kv, cache):
             hidden = layer(hidden, layer_kv, causal=True, cache=layer_cache, position=position)
-        return self.head(self.norm(hidden))[:, 0]
+        return self.project(hidden)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------- quantisers
@@ -466,6 +489,8 @@ class DapsPreTrainedModel(PreTrainedModel):
         # they must be (re)computed here or they would hold garbage after loading.
         if isinstance(module, (DapsPatchEncoder, DapsCodeTransformer)):
             init.copy_(module.positions, sinusoidal_positions(*module.positions.shape))
+        if isinstance(module, DapsCodeTransformer) and module.factorized:
+            init.copy_(module.lattice_columns, DapsCodeTransformer.lattice_columns_for(module.levels))
         if isinstance(module, DapsCodeTransformer) and not module.autoregressive:
             init.normal_(module.queries, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, DapsCodeTransformer) and self.config.head_initializer_range is not None:

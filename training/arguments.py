@@ -67,6 +67,8 @@ class TrainArguments:
     code_embedding: str = field(default="learned", metadata={"help": "Categorical methods: how a code enters the "
                                 "decoder: 'learned' (a free vector per code) or 'lattice' (the fixed point of the FSQ "
                                 "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input)."})
+    code_head: str = field(default="full", metadata={"help": "Categorical methods: 'full' (V logits per code) or "
+                           "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels)."})
     num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})

@@ -69,10 +69,13 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["quantizer"] = "vq"
     if args.code_embedding not in ("learned", "lattice"):
         raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {args.code_embedding!r}.")
-    lattice = args.code_embedding == "lattice"
-    if lattice and args.method in ("vq", "fsq"):
-        raise ValueError(f"--code_embedding lattice is for the categorical methods; {args.method} embeds its own codes.")
-    if args.method == "fsq" or lattice:
+    if args.code_head not in ("full", "factorized"):
+        raise ValueError(f"--code_head must be 'full' or 'factorized', got {args.code_head!r}.")
+    lattice, factorized = args.code_embedding == "lattice", args.code_head == "factorized"
+    if (lattice or factorized) and args.method in ("vq", "fsq"):
+        raise ValueError(f"--code_embedding lattice and --code_head factorized are for the categorical methods; "
+                         f"{args.method} has its own codes.")
+    if args.method == "fsq" or lattice or factorized:
         codebook_size = changes.get("codebook_size", config.codebook_size)
         if args.fsq_levels:
             levels = [int(v) for v in args.fsq_levels.split(",")]
@@ -83,8 +86,10 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes.update(fsq_levels=levels, codebook_size=math.prod(levels))
         if args.method == "fsq":
             changes["quantizer"] = "fsq"
-        else:
+        if lattice:
             changes["code_embedding_type"] = "lattice"
+        if factorized:
+            changes["code_head"] = "factorized"
         if math.prod(levels) != codebook_size:
             notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (lattice levels {levels})")
     return replace_config(config, **changes), notes
