@@ -287,10 +287,10 @@ class DapsCodeTransformer(nn.Module):
     @staticmethod
     def lattice_columns_for(levels: list[int]) -> torch.Tensor:
         """(V, D): for each code, the column of each of its lattice coordinates in the factorized head's output."""
-        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), dim=0)
-        offsets = torch.cumsum(torch.tensor([0] + list(levels[:-1])), dim=0)
+        levels_tensor, basis = DapsFiniteScalarQuantizer.level_tensors(levels)
+        offsets = torch.cumsum(levels_tensor, dim=0) - levels_tensor
         codes = torch.arange(math.prod(levels))[:, None]
-        return (codes // basis) % torch.tensor(levels) + offsets
+        return (codes // basis) % levels_tensor + offsets
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last hidden states (..., d) → head outputs (..., head_size); for the factorized head, the normalised
