@@ -450,3 +450,54 @@ def test_importance_offset_shifts_the_log_weights_and_the_eta_solve_still_hits_t
     adam = objective.make_eta_control("adam", rho=0.33, num_samples=6)
     adam.after_step(rewards, log_q, beta, offset)
     assert adam.last_stats["ess"] == pytest.approx(objective.mean_ess(rewards, log_q, beta, 100.0, offset).item())
+
+
+# ----------------------------------------------------------------------------------------------- marginal usage
+def test_marginal_usage_loss_is_zero_for_even_use_and_log_v_for_one_code():
+    n, k, length, vocab = 3, 2, 4, 8
+    weights = torch.full((n, k), 1 / k)
+    uniform = torch.full((n, k, length, vocab), -math.log(vocab))
+    assert objective.marginal_usage_loss(uniform, weights).item() == pytest.approx(0.0, abs=1e-6)
+    # Every image deterministic, but on different codes that together cover the codebook evenly: still 0.
+    spread = torch.full((n * k * length, vocab), -1e4)
+    spread[torch.arange(n * k * length), torch.arange(n * k * length) % vocab] = 0.0
+    spread = torch.log_softmax(spread, -1).view(n, k, length, vocab)
+    assert objective.marginal_usage_loss(spread, weights).item() == pytest.approx(0.0, abs=1e-5)
+    # Everything on code 3: the aggregate is one-hot, KL from uniform is log V.
+    collapsed = torch.full((n, k, length, vocab), -1e4)
+    collapsed[..., 3] = 0.0
+    collapsed = torch.log_softmax(collapsed, -1)
+    assert objective.marginal_usage_loss(collapsed, weights).item() == pytest.approx(math.log(vocab), abs=1e-5)
+
+
+def test_marginal_usage_loss_uses_the_weights_and_its_gradient_spreads_the_overused_code():
+    torch.manual_seed(0)
+    n, k, length, vocab = 4, 3, 5, 6
+    logits = torch.randn(n, k, length, vocab)
+    logits[..., 0] += 3.0                                            # code 0 overused
+    weights = torch.softmax(torch.randn(n, k), -1)
+    log_probs = torch.log_softmax(logits, -1)
+    # Against a direct computation of log V − H(q̄).
+    aggregate = (weights[..., None, None] * log_probs.exp()).sum((0, 1, 2)) / (n * length)
+    expected = math.log(vocab) + (aggregate * aggregate.log()).sum()
+    assert objective.marginal_usage_loss(log_probs, weights).item() == pytest.approx(expected.item(), rel=1e-5)
+    # A sample with weight 0 does not count.
+    zero_last = weights.clone()
+    zero_last[:, -1] = 0
+    changed = log_probs.clone()
+    changed[:, -1] = torch.log_softmax(torch.randn(n, length, vocab), -1)
+    assert objective.marginal_usage_loss(changed, zero_last).item() == pytest.approx(
+        objective.marginal_usage_loss(log_probs, zero_last).item(), rel=1e-6)
+    # Descending the loss lowers the overused code's logit relative to the others; the weights get no gradient.
+    logits.requires_grad_(True)
+    weights.requires_grad_(True)
+    objective.marginal_usage_loss(torch.log_softmax(logits, -1), weights).backward()
+    assert (logits.grad[..., 0] > 0).all() and (logits.grad[..., 1:] < 0).all()
+    assert weights.grad is None
+
+
+def test_marginal_usage_loss_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="N, K, L, V"):
+        objective.marginal_usage_loss(torch.zeros(2, 3, 4), torch.ones(2, 3) / 3)
+    with pytest.raises(ValueError):
+        objective.marginal_usage_loss(torch.zeros(2, 3, 4, 5), torch.ones(2, 2) / 2)

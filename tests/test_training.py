@@ -314,6 +314,42 @@ def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_p
     assert model.code_transformer.head.weight.grad is not None and model.code_embedding.weight.grad is not None
 
 
+def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    k, m, lam = 6, 2, 0.7
+    images = load_image_splits("digits").validation[:7]
+
+    def step(weight):
+        method = DapsMethod(model, k, objective.make_eta_control("bisection", rho=0.33, num_samples=k),
+                            lambda progress: 0.5, decoder_weighting="posterior", update_samples=m,
+                            usage_weight=weight)
+        method.generator = torch.Generator().manual_seed(5)
+        return method(images, images, progress=0.0)
+
+    plain, regularised = step(0.0), step(lam)
+    assert "usage_kl" not in plain and 0 <= regularised["usage_kl"] <= math.log(config.codebook_size)
+    # Same samples, weights and kept codes: the losses differ by exactly λ·L·(log V − H(q̄)).
+    torch.testing.assert_close(regularised["loss"] - plain["loss"],
+                               lam * config.num_tokens * regularised["usage_kl"], rtol=1e-4, atol=1e-4)
+    regularised["loss"].backward()
+    assert model.code_transformer.head.weight.grad is not None
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="usage_weight"):
+            DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
+                       usage_weight=bad)
+    with pytest.raises(ValueError, match="usage_weight"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, usage_weight=1.0)     # needs kept samples
+    metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=6, usage_weight=1.0))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    assert all("usage_kl" in row for row in read_log(tmp_path / "run") if "encoder_loss" in row)
+
+
 def test_kept_samples_rejects_bad_settings_and_trains_end_to_end(tmp_path):
     from training import objective
     from training.methods import DapsMethod

@@ -59,6 +59,9 @@ class TrainArguments:
                                  "(largest weight first) the losses and their backward passes use; all K are still "
                                  "sampled, decoded and weighted without gradient. Default: ceil(ρK), as many as the "
                                  "ESS target (all K with decoder_weighting 'uniform' or greedy_candidate)."})
+    usage_weight: float = field(default=0.0, metadata={"help": "DAPS: λ, add λ·L·(log V − H(q̄)), the KL of the batch's "
+                                "average code distribution q̄ from uniform, to the encoder loss (counters codebook "
+                                "collapse; 0 disables)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

@@ -56,12 +56,16 @@ class DapsMethod(nn.Module):
         exploration: ε of the proposal (1 − ε)·q + ε·uniform, importance-weighted back to the same target.
         update_samples: M ≤ K, how many of the K samples per image (heaviest first) the losses use; None or K: all
             (see `_forward_kept_samples`).
+        usage_weight: λ ≥ 0, adds λ·L·(log V − H(q̄)) to the loss, q̄ the batch's average code distribution under
+            teacher forcing on the kept samples (`objective.marginal_usage_loss`); needs update_samples < K.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
-                 update_samples: int | None = None):
+                 update_samples: int | None = None, usage_weight: float = 0.0):
         super().__init__()
+        if not (math.isfinite(usage_weight) and usage_weight >= 0):
+            raise ValueError(f"usage_weight must be a finite number >= 0, got {usage_weight}.")
         if not 0.0 <= exploration < 1.0:
             raise ValueError(f"exploration must be in [0, 1), got {exploration}.")
         if update_samples is not None:
@@ -74,6 +78,10 @@ class DapsMethod(nn.Module):
             if update_samples < num_samples and greedy_candidate:
                 raise ValueError("update_samples < num_samples cannot be combined with greedy_candidate.")
         self.update_samples = None if update_samples in (None, num_samples) else update_samples
+        if usage_weight > 0 and self.update_samples is None:
+            raise ValueError("usage_weight > 0 needs update_samples < num_samples (the term is computed on the kept "
+                             "samples' teacher-forced distributions).")
+        self.usage_weight = float(usage_weight)
         self.greedy_candidate = greedy_candidate
         self.exploration = float(exploration)
         if decoder_weighting not in ("uniform", "posterior"):
@@ -164,12 +172,21 @@ class DapsMethod(nn.Module):
         kept_mass = kept_weights.sum(dim=1, keepdim=True)
         kept_weights = kept_weights / kept_mass
         kept_codes = codes.gather(1, kept[..., None].expand(-1, -1, codes.shape[-1]))   # (B, M, L)
-        log_q = model._log_prob_from_memory(memory, kept_codes).float()                 # (B, M), with gradient
+        extra = {}
+        if self.usage_weight > 0:
+            log_probs = torch.log_softmax(model.code_logits(memory, kept_codes).float(), dim=-1)  # (B, M, L, V)
+            log_q = log_probs.gather(-1, kept_codes[..., None]).squeeze(-1).sum(-1)             # (B, M)
+            usage = objective.marginal_usage_loss(log_probs, kept_weights)
+            extra["usage_kl"] = usage.detach()
+        else:
+            log_q = model._log_prob_from_memory(memory, kept_codes).float()             # (B, M), with gradient
         kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
         encoder_loss = objective.encoder_loss(log_q, kept_weights)
+        if self.usage_weight > 0:
+            encoder_loss = encoder_loss + self.usage_weight * kept_codes.shape[-1] * usage
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
-                                kept_weight=kept_mass.mean().detach())
+                                kept_weight=kept_mass.mean().detach(), **extra)
 
     def _sample_and_score(self, pixel_values: torch.Tensor, targets: torch.Tensor):
         """The candidates of a step when they are not K plain samples of q, scored like samples.

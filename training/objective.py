@@ -14,6 +14,7 @@ Pipeline (every function also accepts extra leading dimensions; K is always the 
     effective_sample_size(w)      ESS_i = 1 / Σ_k w_ik²
     encoder_loss(ℓ, w)            L_θ = −mean_i Σ_k sg(w_ik) ℓ_ik
     decoder_loss(r)               L_φ = −mean_{i,k} r_ik
+    marginal_usage_loss(log q, w) log V − H(q̄), q̄ the batch's weighted average code distribution (optional)
 
 Numerics. Everything runs in log space and in float32 at least (bf16/fp16 inputs are upcast), so rewards of
 ±1e6, all-equal rewards and η anywhere in [1e-6, 1e12] give finite weights. Non-finite inputs are defined, never
@@ -55,6 +56,7 @@ __all__ = [
     "encoder_loss",
     "log_weights",
     "make_eta_control",
+    "marginal_usage_loss",
     "mean_ess",
     "normalized_weights",
     "solve_eta",
@@ -228,6 +230,35 @@ def encoder_loss(log_q: Tensor, weights: Tensor) -> Tensor:
     finite = torch.isfinite(log_q)
     terms = torch.where(finite, weights * torch.where(finite, log_q, 0.0), 0.0)
     return -terms.sum(dim=-1).mean()
+
+
+def marginal_usage_loss(log_probs: Tensor, weights: Tensor) -> Tensor:
+    """KL(q̄ ‖ uniform) per token, of the batch's average code distribution q̄, weighted like the encoder loss.
+
+    q̄(v) = Σ_ik w_ik Σ_t q(v | z_ik,<t, x_i) / (N·L) is the encoder's aggregate distribution over the V codes in
+    this batch (every position, every image). The ELBO's KL term is the mutual information I(x; z) plus
+    KL(q(z) ‖ p(z)); once β has annealed towards 0 nothing keeps the aggregate from settling on a few codes while each
+    image's q becomes deterministic (the collapse measured in benchmarks/RESULTS.md). This term puts back the
+    aggregate half only, for the uniform prior's per-token marginal: log V − H(q̄) (0 when every code is used
+    equally, log V when one code takes everything). It is a differentiable function of the encoder's own
+    probabilities: no sample, relaxation or straight-through estimate is involved.
+
+    Args:
+        log_probs: log q(· | z_<t, x) under teacher forcing, (N, K, L, V), with gradient.
+        weights: w, (N, K), each row summing to 1; detached here.
+
+    Returns:
+        A scalar in [0, log V] nats, float32 at least.
+    """
+    if log_probs.dim() != 4:
+        raise ValueError(f"log_probs must be (N, K, L, V), got shape {tuple(log_probs.shape)}.")
+    _check_same_shape("log_probs[..., 0, 0]", log_probs[..., 0, 0], "weights", weights)
+    n, _, length, vocab = log_probs.shape
+    weights = _upcast(weights.detach())
+    probs = _upcast(log_probs).exp()
+    aggregate = torch.einsum("nk,nklv->v", weights, probs) / (n * length)          # (V,), sums to 1
+    entropy = -(aggregate * torch.log(aggregate.clamp_min(torch.finfo(aggregate.dtype).tiny))).sum()
+    return math.log(vocab) - entropy
 
 
 def decoder_loss(rewards_with_grad: Tensor) -> Tensor:
