@@ -496,6 +496,31 @@ def test_marginal_usage_loss_uses_the_weights_and_its_gradient_spreads_the_overu
     assert weights.grad is None
 
 
+def test_mutual_information_usage_loss_also_asks_each_token_to_be_confident():
+    n, k, length, vocab = 3, 2, 4, 8
+    weights = torch.full((n, k), 1 / k)
+    # Uniform tokens: the aggregate is even, but no token carries information: log V − I = log V.
+    uniform = torch.full((n, k, length, vocab), -math.log(vocab))
+    assert objective.marginal_usage_loss(uniform, weights, mutual_information=True).item() == pytest.approx(
+        math.log(vocab), abs=1e-5)
+    # Confident tokens spread evenly over the codebook: I = log V, loss 0.
+    spread = torch.full((n * k * length, vocab), -1e4)
+    spread[torch.arange(n * k * length), torch.arange(n * k * length) % vocab] = 0.0
+    spread = torch.log_softmax(spread, -1).view(n, k, length, vocab)
+    assert objective.marginal_usage_loss(spread, weights, mutual_information=True).item() == pytest.approx(
+        0.0, abs=1e-5)
+    # In general it is the marginal term plus the weighted mean token entropy, and never below it.
+    torch.manual_seed(1)
+    log_probs = torch.log_softmax(2 * torch.randn(n, k, length, vocab), -1)
+    weights = torch.softmax(torch.randn(n, k), -1)
+    token_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    expected = objective.marginal_usage_loss(log_probs, weights) + (weights[..., None] * token_entropy).sum() / (
+        n * length)
+    both = objective.marginal_usage_loss(log_probs, weights, mutual_information=True)
+    assert both.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 <= both.item() <= math.log(vocab) + 1e-5
+
+
 def test_marginal_usage_loss_rejects_bad_shapes():
     with pytest.raises(ValueError, match="N, K, L, V"):
         objective.marginal_usage_loss(torch.zeros(2, 3, 4), torch.ones(2, 3) / 3)

@@ -324,18 +324,20 @@ def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path)
     k, m, lam = 6, 2, 0.7
     images = load_image_splits("digits").validation[:7]
 
-    def step(weight):
+    def step(weight, mutual_information=False):
         method = DapsMethod(model, k, objective.make_eta_control("bisection", rho=0.33, num_samples=k),
                             lambda progress: 0.5, decoder_weighting="posterior", update_samples=m,
-                            usage_weight=weight)
+                            usage_weight=weight, usage_mutual_information=mutual_information)
         method.generator = torch.Generator().manual_seed(5)
         return method(images, images, progress=0.0)
 
-    plain, regularised = step(0.0), step(lam)
+    plain, regularised, informative = step(0.0), step(lam), step(lam, mutual_information=True)
     assert "usage_kl" not in plain and 0 <= regularised["usage_kl"] <= math.log(config.codebook_size)
-    # Same samples, weights and kept codes: the losses differ by exactly λ·L·(log V − H(q̄)).
-    torch.testing.assert_close(regularised["loss"] - plain["loss"],
-                               lam * config.num_tokens * regularised["usage_kl"], rtol=1e-4, atol=1e-4)
+    # Same samples, weights and kept codes: the losses differ by exactly λ·L·(log V − H(q̄)) (or λ·L·(log V − I)).
+    for stats in (regularised, informative):
+        torch.testing.assert_close(stats["loss"] - plain["loss"],
+                                   lam * config.num_tokens * stats["usage_kl"], rtol=1e-4, atol=1e-4)
+    assert informative["usage_kl"] > regularised["usage_kl"]        # plus the tokens' mean entropy
     regularised["loss"].backward()
     assert model.code_transformer.head.weight.grad is not None
     control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)

@@ -62,6 +62,9 @@ class TrainArguments:
     usage_weight: float = field(default=0.0, metadata={"help": "DAPS: λ, add λ·L·(log V − H(q̄)), the KL of the batch's "
                                 "average code distribution q̄ from uniform, to the encoder loss (counters codebook "
                                 "collapse; 0 disables)."})
+    usage_mutual_information: bool = field(default=False, metadata={"help": "DAPS: with --usage_weight, also add "
+                                           "each token's mean entropy: λ·L·(log V − I(token; image)), so each "
+                                           "token's distribution turns confident while the codebook is used evenly."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

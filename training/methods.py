@@ -58,11 +58,13 @@ class DapsMethod(nn.Module):
             (see `_forward_kept_samples`).
         usage_weight: λ ≥ 0, adds λ·L·(log V − H(q̄)) to the loss, q̄ the batch's average code distribution under
             teacher forcing on the kept samples (`objective.marginal_usage_loss`); needs update_samples < K.
+        usage_mutual_information: the term becomes λ·L·(log V − I), also making each token's distribution confident.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
-                 update_samples: int | None = None, usage_weight: float = 0.0):
+                 update_samples: int | None = None, usage_weight: float = 0.0,
+                 usage_mutual_information: bool = False):
         super().__init__()
         if not (math.isfinite(usage_weight) and usage_weight >= 0):
             raise ValueError(f"usage_weight must be a finite number >= 0, got {usage_weight}.")
@@ -82,6 +84,7 @@ class DapsMethod(nn.Module):
             raise ValueError("usage_weight > 0 needs update_samples < num_samples (the term is computed on the kept "
                              "samples' teacher-forced distributions).")
         self.usage_weight = float(usage_weight)
+        self.usage_mutual_information = bool(usage_mutual_information)
         self.greedy_candidate = greedy_candidate
         self.exploration = float(exploration)
         if decoder_weighting not in ("uniform", "posterior"):
@@ -176,7 +179,7 @@ class DapsMethod(nn.Module):
         if self.usage_weight > 0:
             log_probs = torch.log_softmax(model.code_logits(memory, kept_codes).float(), dim=-1)  # (B, M, L, V)
             log_q = log_probs.gather(-1, kept_codes[..., None]).squeeze(-1).sum(-1)             # (B, M)
-            usage = objective.marginal_usage_loss(log_probs, kept_weights)
+            usage = objective.marginal_usage_loss(log_probs, kept_weights, self.usage_mutual_information)
             extra["usage_kl"] = usage.detach()
         else:
             log_q = model._log_prob_from_memory(memory, kept_codes).float()             # (B, M), with gradient

@@ -232,7 +232,7 @@ def encoder_loss(log_q: Tensor, weights: Tensor) -> Tensor:
     return -terms.sum(dim=-1).mean()
 
 
-def marginal_usage_loss(log_probs: Tensor, weights: Tensor) -> Tensor:
+def marginal_usage_loss(log_probs: Tensor, weights: Tensor, mutual_information: bool = False) -> Tensor:
     """KL(q̄ ‖ uniform) per token, of the batch's average code distribution q̄, weighted like the encoder loss.
 
     q̄(v) = Σ_ik w_ik Σ_t q(v | z_ik,<t, x_i) / (N·L) is the encoder's aggregate distribution over the V codes in
@@ -243,9 +243,15 @@ def marginal_usage_loss(log_probs: Tensor, weights: Tensor) -> Tensor:
     equally, log V when one code takes everything). It is a differentiable function of the encoder's own
     probabilities: no sample, relaxation or straight-through estimate is involved.
 
+    With `mutual_information`, the weighted mean entropy of the per-token distributions is added:
+    log V − (H(q̄) − E H(q_t)) = log V − I, I the mutual information between a token and its image and prefix (the
+    "entropy loss" of lookup-free quantisation). The aggregate is still pushed to even use, but each token's own
+    distribution is pushed to be confident instead of uniform, so the greedy code stays a typical one.
+
     Args:
         log_probs: log q(· | z_<t, x) under teacher forcing, (N, K, L, V), with gradient.
         weights: w, (N, K), each row summing to 1; detached here.
+        mutual_information: also add the mean per-token entropy (see above).
 
     Returns:
         A scalar in [0, log V] nats, float32 at least.
@@ -258,7 +264,11 @@ def marginal_usage_loss(log_probs: Tensor, weights: Tensor) -> Tensor:
     probs = _upcast(log_probs).exp()
     aggregate = torch.einsum("nk,nklv->v", weights, probs) / (n * length)          # (V,), sums to 1
     entropy = -(aggregate * torch.log(aggregate.clamp_min(torch.finfo(aggregate.dtype).tiny))).sum()
-    return math.log(vocab) - entropy
+    loss = math.log(vocab) - entropy
+    if mutual_information:
+        token_entropy = -(probs * torch.where(probs > 0, _upcast(log_probs), 0.0)).sum(-1)   # (N, K, L)
+        loss = loss + torch.einsum("nk,nkl->", weights, token_entropy) / (n * length)
+    return loss
 
 
 def decoder_loss(rewards_with_grad: Tensor) -> Tensor:

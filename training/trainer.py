@@ -161,7 +161,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
         return DapsMethod(model, args.num_samples, control, beta_schedule, gather,
                           decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate,
                           exploration=args.exploration, update_samples=args.update_samples,
-                          usage_weight=args.usage_weight)
+                          usage_weight=args.usage_weight,
+                          usage_mutual_information=args.usage_mutual_information)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
