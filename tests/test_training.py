@@ -234,7 +234,7 @@ def test_greedy_candidate_scores_the_greedy_code_as_candidate_k_plus_one():
     control = objective.make_eta_control("bisection", rho=0.33, num_samples=k + 1)
     method = DapsMethod(model, k, control, lambda progress: 0.5, greedy_candidate=True)
     images = load_image_splits("digits").validation[:5]
-    output, offset = method._sample_and_score(images, images)
+    output, offset, _ = method._sample_and_score(images, images)
     assert offset is None
     assert output.codes.shape == (5, k + 1, model.config.num_tokens)
     torch.testing.assert_close(output.codes[:, -1], model.encode(images).codes, rtol=0, atol=0)
@@ -264,7 +264,7 @@ def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):
     method = DapsMethod(model, 4, control, lambda progress: 0.5, greedy_candidate=True, exploration=0.25)
     method.generator = torch.Generator().manual_seed(0)
     images = load_image_splits("digits").validation[:6]
-    output, offset = method._sample_and_score(images, images)
+    output, offset, _ = method._sample_and_score(images, images)
     assert output.codes.shape[:2] == offset.shape == (6, 5)
     assert torch.equal(offset[:, -1], torch.zeros(6))  # the greedy candidate is not drawn from the proposal
     assert (offset[:, :4] <= -config.num_tokens * math.log(0.75) + 1e-4).all()  # log q − log μ ≤ −L·log(1 − ε) per token
@@ -345,8 +345,16 @@ def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path)
         with pytest.raises(ValueError, match="usage_weight"):
             DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
                        usage_weight=bad)
-    with pytest.raises(ValueError, match="usage_weight"):
-        DapsMethod(model, 4, control, lambda progress: 0.5, usage_weight=1.0)     # needs kept samples
+    # The plain step (every sample kept, uniform decoder weighting) adds the term over all K samples.
+    def plain_step(weight):
+        method = DapsMethod(model, 4, objective.make_eta_control("bisection", rho=0.33, num_samples=4),
+                            lambda progress: 0.5, usage_weight=weight, usage_mutual_information=True)
+        method.generator = torch.Generator().manual_seed(5)
+        return method(images, images, progress=0.0)
+
+    without, with_term = plain_step(0.0), plain_step(lam)
+    torch.testing.assert_close(with_term["loss"] - without["loss"],
+                               lam * config.num_tokens * with_term["usage_kl"], rtol=1e-4, atol=1e-4)
     metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=6, usage_weight=1.0))
     assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
     assert all("usage_kl" in row for row in read_log(tmp_path / "run") if "encoder_loss" in row)

@@ -57,7 +57,7 @@ class DapsMethod(nn.Module):
         update_samples: M ≤ K, how many of the K samples per image (heaviest first) the losses use; None or K: all
             (see `_forward_kept_samples`).
         usage_weight: λ ≥ 0, adds λ·L·(log V − H(q̄)) to the loss, q̄ the batch's average code distribution under
-            teacher forcing on the kept samples (`objective.marginal_usage_loss`); needs update_samples < K.
+            teacher forcing on the samples the loss uses (`objective.marginal_usage_loss`).
         usage_mutual_information: the term becomes λ·L·(log V − I), also making each token's distribution confident.
     """
 
@@ -80,9 +80,6 @@ class DapsMethod(nn.Module):
             if update_samples < num_samples and greedy_candidate:
                 raise ValueError("update_samples < num_samples cannot be combined with greedy_candidate.")
         self.update_samples = None if update_samples in (None, num_samples) else update_samples
-        if usage_weight > 0 and self.update_samples is None:
-            raise ValueError("usage_weight > 0 needs update_samples < num_samples (the term is computed on the kept "
-                             "samples' teacher-forced distributions).")
         self.usage_weight = float(usage_weight)
         self.usage_mutual_information = bool(usage_mutual_information)
         self.greedy_candidate = greedy_candidate
@@ -102,9 +99,9 @@ class DapsMethod(nn.Module):
         if self.update_samples is not None:
             return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
-        offset = None
-        if self.greedy_candidate or self.exploration > 0:
-            output, offset = self._sample_and_score(pixel_values, targets)
+        offset, log_probs = None, None
+        if self.greedy_candidate or self.exploration > 0 or self.usage_weight > 0:
+            output, offset, log_probs = self._sample_and_score(pixel_values, targets)
         else:
             output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
         log_q = output.log_prob.float()                                  # ℓ_ik, (B, K), with gradient
@@ -112,13 +109,18 @@ class DapsMethod(nn.Module):
         beta, eta, weights = self._weigh(rewards.detach(), log_q.detach(), offset, progress)
         # 5-6. Weighted maximum likelihood for the encoder, Monte Carlo maximum likelihood for the decoder.
         encoder_loss = objective.encoder_loss(log_q, weights)
+        extra = {}
+        if log_probs is not None:
+            usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
+            encoder_loss = encoder_loss + self.usage_weight * output.codes.shape[-1] * usage
+            extra["usage_kl"] = usage.detach()
         if self.decoder_weighting == "uniform":
             decoder_loss = objective.decoder_loss(rewards)
         else:
             # Fit the decoder to the improved posterior q* (the same weights the encoder is pulled towards) rather
             # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
             decoder_loss = -(weights * rewards).sum(-1).mean()
-        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, log_q, output.codes)
+        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, log_q, output.codes, **extra)
 
     def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
         """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).
@@ -200,7 +202,11 @@ class DapsMethod(nn.Module):
         - `greedy_candidate`: the encoder's greedy code is added as candidate K + 1 (offset 0), so the decoder is also
           fitted on the code evaluation uses and the mode competes with the samples for weight.
 
-        Returns the model output (codes (B, K', L), log q and rewards with gradient) and the offset (B, K') or None.
+        - `usage_weight` > 0: the teacher-forced log-probabilities of every token, (B, K', L, V), are returned as well
+          for the usage term (log q is read from them).
+
+        Returns the model output (codes (B, K', L), log q and rewards with gradient), the offset (B, K') or None, and
+        the log-probabilities or None.
         """
         model = self.model
         memory = model.encode_patches(pixel_values)
@@ -214,11 +220,16 @@ class DapsMethod(nn.Module):
                 codes = torch.cat([codes, greedy], dim=1)
                 if offset is not None:
                     offset = torch.cat([offset, offset.new_zeros(offset.shape[0], 1)], dim=1)
-        log_prob = model._log_prob_from_memory(memory, codes)
+        log_probs = None
+        if self.usage_weight > 0:
+            log_probs = torch.log_softmax(model.code_logits(memory, codes).float(), dim=-1)       # (B, K', L, V)
+            log_prob = log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+        else:
+            log_prob = model._log_prob_from_memory(memory, codes)
         reward, reconstruction = model._reconstruction_log_likelihood(targets, codes)
         output = DapsModelOutput(codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward,
                                  reconstruction=reconstruction)
-        return output, offset
+        return output, offset, log_probs
 
     def after_step(self) -> None:
         """8 (second half): the reference control's Adam step on log η, after the weights of this step were used."""
