@@ -88,6 +88,16 @@ def test_configuration_adapts_to_the_dataset():
     assert config.quantizer == "fsq" and config.codebook_size == 256 and config.encoder_type == "parallel"
 
 
+def test_usage_weight_defaults_to_the_presets():
+    # The usage term is on for the natural-image presets and off for digits, and only for the DAPS methods.
+    assert resolve_defaults(TrainArguments(dataset="photo-crops")).usage_weight == 0.3
+    assert resolve_defaults(TrainArguments(dataset="photo-crops", method="daps-na")).usage_weight == 0.3
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k")).usage_weight == 0.0
+    assert resolve_defaults(TrainArguments(dataset="photo-crops", method="vq")).usage_weight == 0.0
+    assert resolve_defaults(TrainArguments(dataset="photo-crops", usage_weight=0.0)).usage_weight == 0.0
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", usage_weight=0.1)).usage_weight == 0.1
+
+
 def test_refuses_to_overwrite_a_previous_run(tmp_path):
     args = tiny_args(tmp_path, max_steps=2)
     train(args)

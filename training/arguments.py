@@ -13,6 +13,11 @@ METHODS = ("daps", "daps-na", "vq", "fsq", "gumbel", "gumbel-na")
 # β schedules of the paper (DAPS.md, "β schedule"): start, end.
 BETA_SCHEDULES = {"mnist": (0.5, 0.01), "cifar": (6.0, 0.01), "imagenet": (50.0, 1.0), "tiny": (0.5, 0.01)}
 
+# λ of the DAPS usage term per preset (benchmarks/RESULTS.md, "Codebook collapse and the usage term"): it gained
+# 1.6 dB at 10 CPU-minutes on the CIFAR-like crops and lost 0.8 dB on MNIST, where codes collapse much less.
+# imagenet follows cifar (natural images; not measured at that size).
+USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
+
 # The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.
 DATASET_PRESETS = {"mnist-5k": "mnist", "digits": "mnist", "faces": "mnist", "photo-crops": "cifar"}
 
@@ -59,12 +64,14 @@ class TrainArguments:
                                  "(largest weight first) the losses and their backward passes use; all K are still "
                                  "sampled, decoded and weighted without gradient. Default: ceil(ρK), as many as the "
                                  "ESS target (all K with decoder_weighting 'uniform' or greedy_candidate)."})
-    usage_weight: float = field(default=0.0, metadata={"help": "DAPS: λ, add λ·L·(log V − H(q̄)), the KL of the batch's "
-                                "average code distribution q̄ from uniform, to the encoder loss (counters codebook "
-                                "collapse; 0 disables)."})
-    usage_mutual_information: bool = field(default=False, metadata={"help": "DAPS: with --usage_weight, also add "
-                                           "each token's mean entropy: λ·L·(log V − I(token; image)), so each "
-                                           "token's distribution turns confident while the codebook is used evenly."})
+    usage_weight: float | None = field(default=None, metadata={"help": "DAPS: λ of the usage term added to the "
+                                       "encoder loss, λ·L·(log V − I(token; image)), or λ·L·(log V − H(q̄)) without "
+                                       "--usage_mutual_information (q̄: the batch's average code distribution). "
+                                       "Counters codebook collapse; 0 disables. Default: the preset's (cifar and "
+                                       "imagenet 0.3, mnist and tiny 0; benchmarks/RESULTS.md, 'Codebook collapse')."})
+    usage_mutual_information: bool = field(default=True, metadata={"help": "DAPS: the usage term also includes each "
+                                           "token's mean entropy (log V − I instead of log V − H(q̄)), so each token "
+                                           "stays confident while the codebook is used evenly."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

@@ -23,7 +23,7 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import BETA_SCHEDULES, DATASET_PRESETS, METHODS, TrainArguments
+from .arguments import BETA_SCHEDULES, DATASET_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
@@ -131,12 +131,16 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         trimmed = args.decoder_weighting == "posterior" and not args.greedy_candidate
         update_samples = min(args.num_samples, math.ceil(args.ess_target * args.num_samples - 1e-9)) \
             if trimmed else args.num_samples
+    usage_weight = args.usage_weight
+    if usage_weight is None:
+        usage_weight = USAGE_WEIGHTS.get(preset, 0.0) if args.method in ("daps", "daps-na") else 0.0
     head_initializer_range = args.head_initializer_range
     if head_initializer_range is None and args.method in ("daps", "daps-na"):
         head_initializer_range = DAPS_HEAD_INITIALIZER_RANGE
     return replace(
         args,
         update_samples=update_samples,
+        usage_weight=usage_weight,
         head_initializer_range=head_initializer_range,
         beta_start=args.beta_start if args.beta_start is not None else beta_start,
         beta_end=args.beta_end if args.beta_end is not None else beta_end,
