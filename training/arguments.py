@@ -14,7 +14,7 @@ METHODS = ("daps", "daps-na", "vq", "fsq", "gumbel", "gumbel-na")
 BETA_SCHEDULES = {"mnist": (0.5, 0.01), "cifar": (6.0, 0.01), "imagenet": (50.0, 1.0), "tiny": (0.5, 0.01)}
 
 # λ of the DAPS usage term per preset (benchmarks/RESULTS.md, "Codebook collapse and the usage term"): it gained
-# 1.6 dB at 10 CPU-minutes on the CIFAR-like crops and lost 0.8 dB on MNIST, where codes collapse much less.
+# 1.65 dB at 10 CPU-minutes on the CIFAR-like crops (three seeds) and lost 0.8 dB on MNIST, where codes collapse much less.
 # imagenet follows cifar (natural images; not measured at that size).
 USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 
