@@ -616,11 +616,14 @@ class DapsModel(DapsPreTrainedModel):
         # Parallel: the logits do not depend on the codes, so they are computed once per image.
         return _at_least_float32(self.code_transformer.parallel(b, memory_kv))[:, None].expand(b, k, length, -1)
 
-    def _log_prob_from_memory(self, memory: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _log_prob_from_memory(self, memory: torch.Tensor, codes: torch.Tensor, return_log_probs: bool = False):
+        """log q(codes | x), (B, K); with `return_log_probs`, also every token's log q(· | z_<t, x), (B, K, L, V)."""
         if self.config.quantizer != "categorical":
-            return torch.zeros(codes.shape[:2], device=codes.device)
+            zeros = torch.zeros(codes.shape[:2], device=codes.device)
+            return (zeros, None) if return_log_probs else zeros
         log_probs = torch.log_softmax(self.code_logits(memory, codes), dim=-1)
-        return log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+        log_q = log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
+        return (log_q, log_probs) if return_log_probs else log_q
 
     @torch.no_grad()
     def _sample_from_memory(self, memory: torch.Tensor, num_samples: int | None, temperature: float,

@@ -111,9 +111,7 @@ class DapsMethod(nn.Module):
         encoder_loss = objective.encoder_loss(log_q, weights)
         extra = {}
         if log_probs is not None:
-            usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
-            encoder_loss = encoder_loss + self.usage_weight * output.codes.shape[-1] * usage
-            extra["usage_kl"] = usage.detach()
+            encoder_loss, extra = self._add_usage_term(encoder_loss, log_probs, weights)
         if self.decoder_weighting == "uniform":
             decoder_loss = objective.decoder_loss(rewards)
         else:
@@ -121,6 +119,11 @@ class DapsMethod(nn.Module):
             # than to every sample of q: the decoder stops spending capacity on codes the encoder is leaving.
             decoder_loss = -(weights * rewards).sum(-1).mean()
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, log_q, output.codes, **extra)
+
+    def _add_usage_term(self, encoder_loss: torch.Tensor, log_probs: torch.Tensor, weights: torch.Tensor):
+        """encoder loss + λ·L·usage term on teacher-forced log-probabilities (B, K, L, V) with weights (B, K)."""
+        usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
+        return encoder_loss + self.usage_weight * log_probs.shape[2] * usage, {"usage_kl": usage.detach()}
 
     def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
         """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).
@@ -177,18 +180,13 @@ class DapsMethod(nn.Module):
         kept_mass = kept_weights.sum(dim=1, keepdim=True)
         kept_weights = kept_weights / kept_mass
         kept_codes = codes.gather(1, kept[..., None].expand(-1, -1, codes.shape[-1]))   # (B, M, L)
-        extra = {}
-        if self.usage_weight > 0:
-            log_probs = torch.log_softmax(model.code_logits(memory, kept_codes).float(), dim=-1)  # (B, M, L, V)
-            log_q = log_probs.gather(-1, kept_codes[..., None]).squeeze(-1).sum(-1)             # (B, M)
-            usage = objective.marginal_usage_loss(log_probs, kept_weights, self.usage_mutual_information)
-            extra["usage_kl"] = usage.detach()
-        else:
-            log_q = model._log_prob_from_memory(memory, kept_codes).float()             # (B, M), with gradient
+        log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
+        log_q = log_q.float()                                                            # (B, M), with gradient
         kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
         encoder_loss = objective.encoder_loss(log_q, kept_weights)
+        extra = {}
         if self.usage_weight > 0:
-            encoder_loss = encoder_loss + self.usage_weight * kept_codes.shape[-1] * usage
+            encoder_loss, extra = self._add_usage_term(encoder_loss, log_probs, kept_weights)
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach(), **extra)
@@ -220,12 +218,8 @@ class DapsMethod(nn.Module):
                 codes = torch.cat([codes, greedy], dim=1)
                 if offset is not None:
                     offset = torch.cat([offset, offset.new_zeros(offset.shape[0], 1)], dim=1)
-        log_probs = None
-        if self.usage_weight > 0:
-            log_probs = torch.log_softmax(model.code_logits(memory, codes).float(), dim=-1)       # (B, K', L, V)
-            log_prob = log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
-        else:
-            log_prob = model._log_prob_from_memory(memory, codes)
+        log_prob, log_probs = model._log_prob_from_memory(memory, codes, return_log_probs=True)
+        log_probs = log_probs if self.usage_weight > 0 else None
         reward, reconstruction = model._reconstruction_log_likelihood(targets, codes)
         output = DapsModelOutput(codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward,
                                  reconstruction=reconstruction)
