@@ -365,9 +365,114 @@ def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path)
     without, with_term = plain_step(0.0), plain_step(lam)
     torch.testing.assert_close(with_term["loss"] - without["loss"],
                                lam * config.num_tokens * with_term["usage_kl"], rtol=1e-4, atol=1e-4)
-    metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=6, usage_weight=1.0))
+    # A schedule: λ moves linearly from usage_weight to usage_weight_end with the run's progress.
+    def scheduled_step(progress):
+        method = DapsMethod(model, k, objective.make_eta_control("bisection", rho=0.33, num_samples=k),
+                            lambda progress: 0.5, decoder_weighting="posterior", update_samples=m,
+                            usage_weight=lam, usage_weight_end=0.0)
+        method.generator = torch.Generator().manual_seed(5)
+        return method(images, images, progress=progress)
+
+    start, middle, end = scheduled_step(0.0), scheduled_step(0.5), scheduled_step(1.0)
+    torch.testing.assert_close(start["loss"], regularised["loss"])
+    torch.testing.assert_close(middle["loss"] - plain["loss"], 0.5 * lam * config.num_tokens * middle["usage_kl"],
+                               rtol=1e-4, atol=1e-4)
+    assert middle["usage_weight"] == pytest.approx(0.5 * lam) and "usage_kl" not in end
+    torch.testing.assert_close(end["loss"], plain["loss"])
+    with pytest.raises(ValueError, match="usage_weight_end"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, usage_weight=0.3, usage_weight_end=-1.0)
+    metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=6, usage_weight=1.0, usage_weight_end=0.5))
     assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
-    assert all("usage_kl" in row for row in read_log(tmp_path / "run") if "encoder_loss" in row)
+    rows = [row for row in read_log(tmp_path / "run") if "encoder_loss" in row]
+    assert all("usage_kl" in row for row in rows) and rows[-1]["usage_weight"] < rows[0]["usage_weight"]
+
+
+def _grid_model(tmp_path):
+    """A conv-decoder model whose 16 tokens lie on a 4 × 4 grid over 8 × 8 images (2 × 2 pixels per cell)."""
+    config, _ = build_config(tiny_args(tmp_path, preset="tiny", num_tokens=16, patch_size=2), image_size=8,
+                             num_channels=1)
+    return DapsModel(config)
+
+
+def test_token_log_likelihood_splits_the_reconstruction_log_likelihood_over_the_grid(tmp_path):
+    torch.manual_seed(0)
+    model = _grid_model(tmp_path)
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    parameters = model.decode(torch.randint(0, 16, (3, 16)))
+    per_token = model.token_log_likelihood(images, parameters)
+    assert per_token.shape == (3, 16)
+    torch.testing.assert_close(per_token.sum(-1), model.log_likelihood(images, parameters))
+    # Token t = (row, column) of the 4 × 4 grid owns pixels [2·row, 2·row + 2) × [2·column, 2·column + 2).
+    pixels = model._pixel_log_likelihood(images, parameters).sum(1)
+    torch.testing.assert_close(per_token[:, 6], pixels[:, 2:4, 4:6].sum((1, 2)))
+    mlp_config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    with pytest.raises(ValueError, match="conv decoder"):
+        DapsModel(mlp_config).token_log_likelihood(images, parameters)
+
+
+def test_token_credit_weighs_each_token_by_the_reward_at_its_cell(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    model = _grid_model(tmp_path)
+    k = 4
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=k)
+    method = DapsMethod(model, k, control, lambda progress: 0.0, decoder_weighting="posterior", credit="token")
+    # Sample 0 is best at token 5 and worst everywhere else, so its sequence weight is the smallest; token credit
+    # still gives it the most weight at token 5, and the other tokens' weights follow their own cells.
+    b, length = 2, 16
+    memory = model.encode_patches(torch.rand(b, 1, 8, 8) * 2 - 1)
+    codes = torch.randint(0, 16, (b, k, length))
+    rewards = -torch.arange(k, dtype=torch.float32)[None, :, None].expand(b, k, length).clone()   # 0, −1, −2, −3
+    rewards[:, 0] = -10.0
+    rewards[:, 0, 5] = 10.0
+    loss, log_probs, stats, = method._token_encoder_loss(memory, codes, rewards, beta=0.0)
+    weights = method.last_token_weights                                     # (B, K, L)
+    assert weights.shape == (b, k, length)
+    torch.testing.assert_close(weights.sum(1), torch.ones(b, length))
+    assert (weights[:, 0, 5] > weights[:, 1:, 5].max(1).values).all()
+    assert (weights[:, 0, :5] < weights[:, 1:, :5].min(1).values).all()
+    # η puts the mean ESS over (image, token) rows on the target ρK.
+    assert abs(stats["token_ess"] - 0.5 * k) < 0.01
+    # The loss is the weighted log q of each token under teacher forcing, computed here from the logits.
+    token_log_q = torch.log_softmax(model.code_logits(memory, codes), -1).gather(-1, codes[..., None]).squeeze(-1)
+    torch.testing.assert_close(loss, -(weights * token_log_q).sum((1, 2)).mean())
+    loss.backward()
+    assert model.code_transformer.head.weight.grad is not None
+    # A window of 3 credits a token with its 8 neighbours' cells (zero outside the grid).
+    one_cell = torch.zeros(1, 1, length)
+    one_cell[0, 0, 5] = 1.0                                                  # grid cell (1, 1)
+    method.credit_window = 3
+    credited = method._credited_rewards(one_cell).view(4, 4)
+    expected = torch.zeros(4, 4)
+    expected[0:3, 0:3] = 1.0
+    torch.testing.assert_close(credited, expected)
+
+
+def test_token_credit_rejects_bad_settings_and_trains_end_to_end(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    model = _grid_model(tmp_path)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)
+    with pytest.raises(ValueError, match="credit must be"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", credit="pixel")
+    for bad in (0, 2, 1.0, True):
+        with pytest.raises(ValueError, match="credit_window"):
+            DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", credit="token",
+                       credit_window=bad)
+    with pytest.raises(ValueError, match="posterior"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, credit="token")
+    mlp_config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    with pytest.raises(ValueError, match="conv decoder"):
+        DapsMethod(DapsModel(mlp_config), 4, control, lambda progress: 0.5, decoder_weighting="posterior",
+                   credit="token")
+    metrics = train(tiny_args(tmp_path, preset="tiny", max_steps=4, num_samples=6, credit="token", credit_window=3,
+                              usage_weight=0.3))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    rows = [row for row in read_log(tmp_path / "run") if "encoder_loss" in row]
+    assert rows and all("token_ess" in row and "usage_kl" in row for row in rows)
 
 
 def test_kept_samples_rejects_bad_settings_and_trains_end_to_end(tmp_path):

@@ -801,12 +801,43 @@ class DapsModel(DapsPreTrainedModel):
 
     def log_likelihood(self, pixel_values: torch.Tensor, parameters: DapsDecoderOutput) -> torch.Tensor:
         """log p(x | z) summed over channels and pixels: pixel_values (N, C, H, W) → (N,)."""
+        return self._pixel_log_likelihood(pixel_values, parameters).flatten(1).sum(1)
+
+    def _pixel_log_likelihood(self, pixel_values: torch.Tensor, parameters: DapsDecoderOutput) -> torch.Tensor:
+        """log p(x | z) of every value: pixel_values (N, C, H, W) → (N, C, H, W)."""
         x = pixel_values.to(parameters.pixel_values.dtype)
         if self.config.likelihood == "bernoulli":
-            return -F.binary_cross_entropy_with_logits(parameters.logits, x, reduction="none").flatten(1).sum(1)
+            return -F.binary_cross_entropy_with_logits(parameters.logits, x, reduction="none")
         log_variance = parameters.log_variance
         squared = (x - parameters.pixel_values).pow(2) * torch.exp(-log_variance)
-        return -0.5 * (squared + log_variance + math.log(2 * math.pi)).flatten(1).sum(1)
+        return -0.5 * (squared + log_variance + math.log(2 * math.pi))
+
+    def check_token_cells(self) -> tuple[int, int]:
+        """(rows, columns) of the conv decoder's code grid when every token owns an equal block of pixels, else a
+        ValueError: the split of log p(x | z) over tokens (`token_log_likelihood`) needs it."""
+        config = self.config
+        if config.decoder_type != "conv":
+            raise ValueError(f"Splitting log p(x | z) over the code tokens needs the conv decoder (codes laid on a "
+                             f"grid over the image), got decoder_type={config.decoder_type!r}.")
+        rows, columns = _grid_shape(config.num_tokens)
+        if config.image_size % rows or config.image_size % columns:
+            raise ValueError(f"Splitting log p(x | z) over the code tokens needs the image size ({config.image_size}) "
+                             f"to be a multiple of the code grid ({rows} × {columns}).")
+        return rows, columns
+
+    def token_log_likelihood(self, pixel_values: torch.Tensor, parameters: DapsDecoderOutput) -> torch.Tensor:
+        """log p(x | z) split over the code tokens: pixel_values (N, C, H, W) → (N, L).
+
+        Entry t sums the log-likelihood of the channels and pixels of the block under token t's cell of the conv
+        decoder's grid (raster order, as `DapsDecoder` lays the codes), so the L entries sum to `log_likelihood`.
+        The decoder's receptive field is wider than one cell, so this is the reward *located* at each token, not a
+        reward that depends on that token alone.
+        """
+        rows, columns = self.check_token_cells()
+        values = self._pixel_log_likelihood(pixel_values, parameters).sum(1)        # (N, H, W)
+        n, height, width = values.shape
+        blocks = values.reshape(n, rows, height // rows, columns, width // columns)
+        return blocks.sum(dim=(2, 4)).reshape(n, rows * columns)
 
     def reconstruction_log_likelihood(self, pixel_values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """log p(x | codes) in nats, summed per image: codes (B, L) → (B,), or (B, K, L) → (B, K). Differentiable."""
@@ -817,11 +848,15 @@ class DapsModel(DapsPreTrainedModel):
         reward = self._reconstruction_log_likelihood(pixel_values, codes.long())[0]
         return reward[:, 0] if unbatched else reward
 
-    def _reconstruction_log_likelihood(self, pixel_values, codes):
+    def _reconstruction_log_likelihood(self, pixel_values, codes, per_token: bool = False):
+        """codes (B, K, L) → log p(x | z) (B, K), or (B, K, L) split over tokens with `per_token`; and the means."""
         b, k, length = codes.shape
         parameters = self.likelihood_parameters(self.embed_codes(codes.reshape(b * k, length)))
         targets = pixel_values[:, None].expand(b, k, *pixel_values.shape[1:]).reshape(b * k, *pixel_values.shape[1:])
-        reward = self.log_likelihood(targets, parameters).view(b, k)
+        if per_token:
+            reward = self.token_log_likelihood(targets, parameters).view(b, k, -1)
+        else:
+            reward = self.log_likelihood(targets, parameters).view(b, k)
         return reward, parameters.pixel_values.view(b, k, *pixel_values.shape[1:])
 
     # ------------------------------------------------------------------ training entry point

@@ -69,9 +69,16 @@ class TrainArguments:
                                        "--usage_mutual_information (q̄: the batch's average code distribution). "
                                        "Counters codebook collapse; 0 disables. Default: the preset's (cifar and "
                                        "imagenet 0.3, mnist and tiny 0; benchmarks/RESULTS.md, 'Codebook collapse')."})
+    usage_weight_end: float | None = field(default=None, metadata={"help": "DAPS: λ of the usage term at the end of "
+                                           "the run; λ moves linearly from --usage_weight to it (default: constant)."})
     usage_mutual_information: bool = field(default=True, metadata={"help": "DAPS: the usage term also includes each "
                                            "token's mean entropy (log V − I instead of log V − H(q̄)), so each token "
                                            "stays confident while the codebook is used evenly."})
+    credit: str = field(default="sequence", metadata={"help": "DAPS: 'sequence' (one weight per sample, from its whole "
+                        "log p(x | z), the paper's) or 'token' (the encoder's weights per sample and token, from the "
+                        "log-likelihood of the pixels under each token's cell of the conv decoder's grid)."})
+    credit_window: int = field(default=1, metadata={"help": "DAPS with --credit token: odd side of the square of grid "
+                               "cells credited to a token (1: its own cell; 3: with its 8 neighbours)."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})

@@ -59,13 +59,37 @@ class DapsMethod(nn.Module):
         usage_weight: λ ≥ 0, adds λ·L·(log V − H(q̄)) to the loss, q̄ the batch's average code distribution under
             teacher forcing on the samples the loss uses (`objective.marginal_usage_loss`).
         usage_mutual_information: the term becomes λ·L·(log V − I), also making each token's distribution confident.
+        usage_weight_end: *optional* λ at the end of the run: λ moves linearly from `usage_weight` to it with the
+            run's progress (None: constant). Lets the term act early, while codes collapse, and fade later.
+        credit: "sequence" (the paper's: one weight per sample, from its whole log p(x | z)) or "token": the encoder's
+            weighted ML gets one weight per sample *and token*, from the part of log p(x | z) located at that token's
+            cell of the conv decoder's grid (see `_token_encoder_loss`). The decoder's loss and the kept samples
+            stay those of the sequence weights.
+        credit_window: with credit "token", the side (odd) of the square of grid cells whose log-likelihood is
+            credited to a token: 1 is its own cell, 3 adds its 8 neighbours, which its code also shapes.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
                  update_samples: int | None = None, usage_weight: float = 0.0,
-                 usage_mutual_information: bool = False):
+                 usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
+                 usage_weight_end: float | None = None):
         super().__init__()
+        if usage_weight_end is not None and not (math.isfinite(usage_weight_end) and usage_weight_end >= 0):
+            raise ValueError(f"usage_weight_end must be a finite number >= 0, got {usage_weight_end}.")
+        if credit not in ("sequence", "token"):
+            raise ValueError(f"credit must be 'sequence' or 'token', got {credit!r}.")
+        if isinstance(credit_window, bool) or not isinstance(credit_window, int) or credit_window < 1 \
+                or credit_window % 2 == 0:
+            raise ValueError(f"credit_window must be an odd integer >= 1, got {credit_window!r}.")
+        if credit == "token":
+            if decoder_weighting != "posterior" or greedy_candidate or exploration > 0:
+                raise ValueError("credit='token' needs decoder_weighting='posterior', no greedy_candidate and no "
+                                 "exploration.")
+            if model.config.quantizer != "categorical" or not model.code_transformer.autoregressive:
+                raise ValueError("credit='token' needs the autoregressive categorical encoder (method 'daps').")
+            model.check_token_cells()
+        self.credit, self.credit_window = credit, credit_window
         if not (math.isfinite(usage_weight) and usage_weight >= 0):
             raise ValueError(f"usage_weight must be a finite number >= 0, got {usage_weight}.")
         if not 0.0 <= exploration < 1.0:
@@ -81,6 +105,8 @@ class DapsMethod(nn.Module):
                 raise ValueError("update_samples < num_samples cannot be combined with greedy_candidate.")
         self.update_samples = None if update_samples in (None, num_samples) else update_samples
         self.usage_weight = float(usage_weight)
+        self.usage_weight_end = self.usage_weight if usage_weight_end is None else float(usage_weight_end)
+        self._usage_now = self.usage_weight
         self.usage_mutual_information = bool(usage_mutual_information)
         self.greedy_candidate = greedy_candidate
         self.exploration = float(exploration)
@@ -94,13 +120,15 @@ class DapsMethod(nn.Module):
         self.beta_schedule = beta_schedule
         self.gather = gather or (lambda tensor: tensor)
         self.generator: torch.Generator | None = None
+        self.last_token_weights: torch.Tensor | None = None   # credit "token": the last step's (B, K, L) weights
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
-        if self.update_samples is not None:
+        self._usage_now = self.usage_weight + (self.usage_weight_end - self.usage_weight) * min(max(progress, 0.0), 1.0)
+        if self.update_samples is not None or self.credit == "token":
             return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
         offset, log_probs = None, None
-        if self.greedy_candidate or self.exploration > 0 or self.usage_weight > 0:
+        if self.greedy_candidate or self.exploration > 0 or self._usage_now > 0:
             output, offset, log_probs = self._sample_and_score(pixel_values, targets)
         else:
             output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
@@ -123,7 +151,8 @@ class DapsMethod(nn.Module):
     def _add_usage_term(self, encoder_loss: torch.Tensor, log_probs: torch.Tensor, weights: torch.Tensor):
         """encoder loss + λ·L·usage term on teacher-forced log-probabilities (B, K, L, V) with weights (B, K)."""
         usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
-        return encoder_loss + self.usage_weight * log_probs.shape[2] * usage, {"usage_kl": usage.detach()}
+        return encoder_loss + self._usage_now * log_probs.shape[2] * usage, {"usage_kl": usage.detach(),
+                                                                             "usage_weight": self._usage_now}
 
     def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
         """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).
@@ -166,30 +195,85 @@ class DapsMethod(nn.Module):
         in the log is the mean weight mass the M kept (1 means nothing was dropped).
         """
         model = self.model
-        k, m = self.num_samples, self.update_samples
+        k = self.num_samples
+        m = self.update_samples or k
+        token_credit = self.credit == "token"
         memory = model.encode_patches(pixel_values)                       # (B, P, d), with gradient
         with torch.no_grad():
             codes, sampled_log_q, log_proposal = model._sample_from_memory(
                 memory.detach(), k, 1.0, self.generator, exploration=self.exploration, return_proposal=True)
             sampled_log_q = sampled_log_q.float()
             offset = (sampled_log_q - log_proposal.float()) if self.exploration > 0 else None
-            rewards, _ = model._reconstruction_log_likelihood(targets, codes)
-            rewards = rewards.float()                                     # (B, K)
+            rewards, _ = model._reconstruction_log_likelihood(targets, codes, per_token=token_credit)
+            token_rewards = rewards.float() if token_credit else None     # (B, K, L)
+            rewards = rewards.float().sum(-1) if token_credit else rewards.float()   # (B, K)
         beta, eta, weights = self._weigh(rewards, sampled_log_q, offset, progress)    # weights (B, K)
         kept_weights, kept = weights.topk(m, dim=1)                                     # (B, M)
         kept_mass = kept_weights.sum(dim=1, keepdim=True)
         kept_weights = kept_weights / kept_mass
         kept_codes = codes.gather(1, kept[..., None].expand(-1, -1, codes.shape[-1]))   # (B, M, L)
-        log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
-        log_q = log_q.float()                                                            # (B, M), with gradient
-        kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
-        encoder_loss = objective.encoder_loss(log_q, kept_weights)
         extra = {}
-        if self.usage_weight > 0:
-            encoder_loss, extra = self._add_usage_term(encoder_loss, log_probs, kept_weights)
+        if token_credit:
+            # The encoder is fitted on all K samples, token by token; the usage term sees them with their weights.
+            encoder_loss, log_probs, extra = self._token_encoder_loss(memory, codes, token_rewards, beta)
+            usage_weights = weights
+        else:
+            log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
+            encoder_loss = objective.encoder_loss(log_q.float(), kept_weights)          # log q (B, M), with gradient
+            usage_weights = kept_weights
+        kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
+        if self._usage_now > 0:
+            encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, usage_weights)
+            extra.update(usage)
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach(), **extra)
+
+    def _token_encoder_loss(self, memory: torch.Tensor, codes: torch.Tensor, token_rewards: torch.Tensor,
+                            beta: float):
+        """The encoder's weighted ML with one weight per (image, token, sample): credit "token".
+
+        The sequence step weighs sample k of image i by its whole log p(x_i | z_ik), so all L tokens of the sample
+        are pulled up or down together by one comparison of K numbers. Here each token t is weighed by the part of
+        log p(x | z) located at its grid cell (summed over a `credit_window` square of cells around it): the same
+        trust-region weights, w_ikt = softmax_k((A_ikt − β ℓ_ikt) / (η_tok + β)) with A_ikt = R_ikt − logsumexp_k
+        R_ikt and ℓ_ikt = log q(z_ikt | z_ik,<t, x_i), and η_tok solved so that the mean ESS over (image, token)
+        rows is ρK. For an encoder that factorised over tokens and a reward that was a sum of per-token terms this is
+        exactly the DAPS update of each token; the conv decoder's receptive field makes the split approximate
+        (a token's cell also depends a little on its neighbours' codes).
+
+        Args:
+            memory: patch features (B, P, d), with gradient. codes: all K samples (B, K, L).
+            token_rewards: (B, K, L), log p(x | z) split over tokens (`DapsModel.token_log_likelihood`), detached.
+
+        Returns:
+            (loss, teacher-forced log-probabilities (B, K, L, V), statistics).
+        """
+        b, k, length = codes.shape
+        _, log_probs = self.model._log_prob_from_memory(memory, codes, return_log_probs=True)
+        token_log_q = log_probs.gather(-1, codes[..., None]).squeeze(-1).float()        # (B, K, L), with gradient
+        rows_rewards = self._credited_rewards(token_rewards).transpose(1, 2).reshape(b * length, k)   # (B·L, K)
+        rows_log_q = token_log_q.detach().transpose(1, 2).reshape(b * length, k)
+        token_eta = objective.solve_eta(self.gather(rows_rewards), self.gather(rows_log_q), beta,
+                                        self.eta_control.target_ess)
+        token_weights = objective.daps_weights(rows_rewards, rows_log_q, beta, token_eta)   # (B·L, K)
+        self.last_token_weights = token_weights.view(b, length, k).transpose(1, 2)         # (B, K, L)
+        loss = -(self.last_token_weights * token_log_q).sum(dim=(1, 2)).mean()
+        stats = {"token_eta": token_eta,
+                 "token_ess": objective.effective_sample_size(token_weights).mean().detach()}
+        return loss, log_probs, stats
+
+    def _credited_rewards(self, token_rewards: torch.Tensor) -> torch.Tensor:
+        """(B, K, L) rewards located at each token → the reward credited to it: the sum over the `credit_window`
+        square of grid cells centred on the token's cell (cells outside the grid count 0)."""
+        window = self.credit_window
+        if window == 1:
+            return token_rewards
+        b, k, length = token_rewards.shape
+        rows, columns = self.model.check_token_cells()
+        grid = token_rewards.reshape(b * k, 1, rows, columns)
+        summed = F.avg_pool2d(grid, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
+        return summed.reshape(b, k, length)
 
     def _sample_and_score(self, pixel_values: torch.Tensor, targets: torch.Tensor):
         """The candidates of a step when they are not K plain samples of q, scored like samples.
@@ -219,7 +303,7 @@ class DapsMethod(nn.Module):
                 if offset is not None:
                     offset = torch.cat([offset, offset.new_zeros(offset.shape[0], 1)], dim=1)
         log_prob, log_probs = model._log_prob_from_memory(memory, codes, return_log_probs=True)
-        log_probs = log_probs if self.usage_weight > 0 else None
+        log_probs = log_probs if self._usage_now > 0 else None
         reward, reconstruction = model._reconstruction_log_likelihood(targets, codes)
         output = DapsModelOutput(codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward,
                                  reconstruction=reconstruction)

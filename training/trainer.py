@@ -166,7 +166,9 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate,
                           exploration=args.exploration, update_samples=args.update_samples,
                           usage_weight=args.usage_weight,
-                          usage_mutual_information=args.usage_mutual_information)
+                          usage_mutual_information=args.usage_mutual_information,
+                          usage_weight_end=args.usage_weight_end,
+                          credit=args.credit, credit_window=args.credit_window)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
