@@ -193,6 +193,9 @@ class DapsMethod(nn.Module):
         the weighted-ML projection onto q* with its lightest terms dropped. The backward passes, most of a step's
         cost, scale with M instead of K, so a step can look at more candidates for the same price. `kept_weight`
         in the log is the mean weight mass the M kept (1 means nothing was dropped).
+
+        Credit "token" also takes this path (with M = K when `update_samples` is unset): the rewards are split over
+        tokens, and the encoder's loss comes from `_token_encoder_loss` on all K samples instead of the M kept.
         """
         model = self.model
         k = self.num_samples
