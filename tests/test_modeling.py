@@ -29,6 +29,8 @@ def random_images(config, batch=2, seed=0):
 ENCODERS = {
     "autoregressive": {},
     "parallel": {"encoder_type": "parallel"},
+    "autoregressive, aligned": {"aligned_patches": True},
+    "parallel, aligned": {"encoder_type": "parallel", "aligned_patches": True},
 }
 
 
@@ -137,6 +139,31 @@ def test_teacher_forcing_is_causal():
         a = torch.log_softmax(model.code_logits(memory, codes[:, None]), -1)
         b = torch.log_softmax(model.code_logits(memory, changed[:, None]), -1)
     torch.testing.assert_close(a, b)  # logits at every position depend only on earlier codes
+
+
+def test_aligned_patches_give_each_token_the_mean_features_of_its_cell():
+    # mnist preset: a 4 × 4 grid of 7 × 7 patches under a 2 × 4 grid of 8 tokens, so token t owns 2 × 1 patches.
+    model = make_model("mnist", aligned_patches=True)
+    x = random_images(model.config, 2)
+    memory = model.encode_patches(x)                                         # (2, 16, d)
+    aligned = model.code_transformer.memory_keys_values(memory).aligned    # (2, 8, d)
+    grid = memory.view(2, 4, 4, -1)
+    torch.testing.assert_close(aligned[:, 6], grid[:, 2:4, 2].mean(1))     # token 6: grid row 1, column 2
+    # The aligned input reaches the head: the same weights without it give other logits.
+    plain = make_model("mnist")
+    plain.load_state_dict(model.state_dict())
+    codes = model.encode(x).codes[:, None]
+    with torch.no_grad():
+        assert not torch.allclose(model.code_logits(memory, codes), plain.code_logits(memory, codes))
+    # Teacher forcing stays causal with the aligned input.
+    changed = codes.clone()
+    changed[..., -1] = (changed[..., -1] + 1) % model.config.codebook_size
+    with torch.no_grad():
+        torch.testing.assert_close(model.code_logits(memory, codes), model.code_logits(memory, changed))
+    with pytest.raises(ValueError, match="aligned_patches"):
+        DapsConfig.from_preset("mnist", aligned_patches=True, patch_size=4)    # a 7 × 7 patch grid over 2 × 4 tokens
+    with pytest.raises(ValueError, match="aligned_patches"):
+        DapsConfig.from_preset("tiny", aligned_patches="yes")
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -76,6 +76,10 @@ class DapsConfig(PretrainedConfig):
             "factorized": the code is read as its FSQ-lattice coordinates (`fsq_levels`, mixed radix) and each
             coordinate gets its own softmax (sum(fsq_levels) logits), q(z_t | ·) = Π_d q_d(coordinate d | ·): codes that
             share a coordinate share what the encoder learns about it. Still an exact categorical over V values.
+        aligned_patches: also give code token t, as an input added to its embedding, the patch features under its
+            cell of the code grid (the patches' near-square grid average-pooled to the tokens' grid). Without it a
+            code token sees the image only through cross-attention, and must first learn which patches it owns.
+            Needs the patch grid to be a multiple of the token grid.
         vq_dim: dimension of the VQ codebook vectors.
         decoder_type: "conv" (codes on a grid, residual blocks, transposed convolutions) or "mlp".
         decoder_hidden_size: channels of the conv decoder, or width of the MLP decoder.
@@ -110,6 +114,7 @@ class DapsConfig(PretrainedConfig):
     fsq_levels: list[int] | None = None
     code_embedding_type: str = "learned"
     code_head: str = "full"
+    aligned_patches: bool = False
     vq_dim: int = 32
     decoder_type: str = "conv"
     decoder_hidden_size: int = 128
@@ -194,6 +199,18 @@ class DapsConfig(PretrainedConfig):
                 raise ValueError(
                     f"The product of fsq_levels {self.fsq_levels} is {math.prod(self.fsq_levels)}, "
                     f"but codebook_size is {self.codebook_size}: they must be equal."
+                )
+        if not isinstance(self.aligned_patches, bool):
+            raise ValueError(f"DapsConfig.aligned_patches must be True or False, got {self.aligned_patches!r}.")
+        if self.aligned_patches:
+            side = self.image_size // self.patch_size
+            rows = max(r for r in range(1, math.isqrt(self.num_tokens) + 1) if self.num_tokens % r == 0)
+            columns = self.num_tokens // rows
+            if side % rows or side % columns:
+                raise ValueError(
+                    f"aligned_patches pools the {side} × {side} patch grid onto the {rows} × {columns} grid of the "
+                    f"{self.num_tokens} code tokens; the patch grid must be a multiple of it (choose patch_size or "
+                    f"num_tokens accordingly, or aligned_patches=False)."
                 )
         if not 0 < self.min_variance < self.max_variance:
             raise ValueError(

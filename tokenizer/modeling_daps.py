@@ -255,6 +255,24 @@ class DapsPatchEncoder(nn.Module):
         return self.norm(hidden)
 
 
+class DapsCodeMemory(list):
+    """What the code tokens read from one batch of images: the cross-attention keys and values of each code layer
+    (a list, one (keys, values) pair per layer) and, with `aligned_patches`, the patch features pooled onto the token
+    grid, `aligned` (B, L, d), added to token t's input (else None)."""
+
+    def __init__(self, layers_kv, aligned: torch.Tensor | None = None):
+        super().__init__(layers_kv)
+        self.aligned = aligned
+
+    def aligned_for(self, num_sequences: int, position: int | None = None) -> torch.Tensor | None:
+        """The aligned inputs repeated for K = num_sequences / B sequences per image (sample-major within each
+        image, as the codes are laid out): (B·K, L, d), or (B·K, 1, d) at one position."""
+        if self.aligned is None:
+            return None
+        aligned = self.aligned if position is None else self.aligned[:, position:position + 1]
+        return aligned.repeat_interleave(num_sequences // aligned.shape[0], dim=0)
+
+
 class DapsCodeTransformer(nn.Module):
     """The code tokens' transformer and its head.
 
@@ -283,6 +301,11 @@ class DapsCodeTransformer(nn.Module):
             self.register_buffer("lattice_columns", self.lattice_columns_for(self.levels), persistent=False)
         self.head = nn.Linear(config.hidden_size, head_size)
         self.bos_token_id = config.codebook_size
+        self.aligned_grid = None
+        if config.aligned_patches:
+            side = config.image_size // config.patch_size
+            self.patch_grid = (side, side)
+            self.aligned_grid = _grid_shape(config.num_tokens)
 
     @staticmethod
     def lattice_columns_for(levels: list[int]) -> torch.Tensor:
@@ -302,13 +325,22 @@ class DapsCodeTransformer(nn.Module):
         log_probs = torch.cat([torch.log_softmax(part, dim=-1) for part in output.split(self.levels, dim=-1)], dim=-1)
         return log_probs[..., self.lattice_columns].sum(-1)
 
-    def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [layer.cross_attention.memory_keys_values(memory) for layer in self.layers]
+    def memory_keys_values(self, memory: torch.Tensor) -> DapsCodeMemory:
+        """Patch features (B, P, d) → what every code step reads (`DapsCodeMemory`), computed once per image."""
+        aligned = None
+        if self.aligned_grid is not None:
+            b, _, d = memory.shape
+            grid = memory.transpose(1, 2).reshape(b, d, *self.patch_grid)
+            aligned = F.adaptive_avg_pool2d(grid, self.aligned_grid).flatten(2).transpose(1, 2)   # (B, L, d)
+        return DapsCodeMemory([layer.cross_attention.memory_keys_values(memory) for layer in self.layers], aligned)
 
     def teacher_forced(self, codes: torch.Tensor, memory_kv) -> torch.Tensor:
         """codes (N, L) with N = B·K, sample-major within each image → head outputs (N, L, head_size)."""
         bos = torch.full_like(codes[:, :1], self.bos_token_id)
         hidden = self.token_embedding(torch.cat([bos, codes[:, :-1]], dim=1)) + self.positions
+        aligned = memory_kv.aligned_for(codes.shape[0])
+        if aligned is not None:
+            hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=True)
         return self.project(hidden)
@@ -316,6 +348,9 @@ class DapsCodeTransformer(nn.Module):
     def parallel(self, batch_size: int, memory_kv) -> torch.Tensor:
         """Parallel encoder: head outputs of every position, (B, L, head_size)."""
         hidden = (self.queries + self.positions).expand(batch_size, -1, -1)
+        aligned = memory_kv.aligned_for(batch_size)
+        if aligned is not None:
+            hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=False)
         return self.project(hidden)
@@ -334,6 +369,9 @@ class DapsCodeTransformer(nn.Module):
     def step(self, previous_codes: torch.Tensor, position: int, memory_kv, cache) -> torch.Tensor:
         """One cached autoregressive step: previous codes (N,) (or BOS) → logits of position `position`, (N, V)."""
         hidden = self.token_embedding(previous_codes)[:, None] + self.positions[position]
+        aligned = memory_kv.aligned_for(previous_codes.shape[0], position)
+        if aligned is not None:
+            hidden = hidden + aligned
         for layer, layer_kv, layer_cache in zip(self.layers, memory_kv, cache):
             hidden = layer(hidden, layer_kv, causal=True, cache=layer_cache, position=position)
         return self.project(hidden)[:, 0]

@@ -79,6 +79,10 @@ class TrainArguments:
                         "log-likelihood of the pixels under each token's cell of the conv decoder's grid)."})
     credit_window: int = field(default=1, metadata={"help": "DAPS with --credit token: odd side of the square of grid "
                                "cells credited to a token (1: its own cell; 3: with its 8 neighbours)."})
+    warm_start_steps: int = field(default=0, metadata={"help": "DAPS: the first N steps fit the encoder (maximum "
+                                  "likelihood) and the decoder to patch k-means codes (V centroids of the pixel "
+                                  "blocks under the tokens, fitted on the training images at the start and charged to "
+                                  "the run's time) instead of DAPS steps; 0: none."})
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at the start."})
     gumbel_temperature_end: float | None = field(default=None, metadata={"help": "At the end (default 0.75 AR, 0.1 NA)."})
     vq_commitment: float = field(default=0.25, metadata={"help": "VQ-VAE commitment weight."})
@@ -89,6 +93,9 @@ class TrainArguments:
                                 "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input)."})
     code_head: str = field(default="full", metadata={"help": "Categorical methods: 'full' (V logits per code) or "
                            "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels)."})
+    aligned_patches: bool | None = field(default=None, metadata={"help": "Add to each code token's input the patch "
+                                         "features under its cell of the code grid (every method's encoder), besides "
+                                         "cross-attention. Default: the preset's."})
     num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})

@@ -24,6 +24,7 @@ from torch import nn
 from tokenizer.modeling_daps import DapsModelOutput
 
 from . import objective
+from .warm_start import fit_kmeans, nearest_codes, token_cells
 
 
 def _require_quantizer(model, quantizer: str, method: str) -> None:
@@ -67,14 +68,23 @@ class DapsMethod(nn.Module):
             stay those of the sequence weights.
         credit_window: with credit "token", the side (odd) of the square of grid cells whose log-likelihood is
             credited to a token: 1 is its own cell, 3 adds its 8 neighbours, which its code also shapes.
+        warm_start_steps: *optional* number of first steps that fit the encoder (teacher-forced maximum likelihood)
+            and the decoder to patch k-means codes instead of taking a DAPS step (`training.warm_start`); needs
+            `fit_warm_start` to have been called on the training images. 0: none (the paper's start).
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
                  update_samples: int | None = None, usage_weight: float = 0.0,
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
-                 usage_weight_end: float | None = None):
+                 usage_weight_end: float | None = None, warm_start_steps: int = 0):
         super().__init__()
+        if isinstance(warm_start_steps, bool) or not isinstance(warm_start_steps, int) or warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps must be an integer >= 0, got {warm_start_steps!r}.")
+        self.warm_start_steps = warm_start_steps
+        self.warm_start_centroids: torch.Tensor | None = None   # (V, cell size), set by `fit_warm_start`
+        self.steps_done = 0
+        self._pending = None
         if usage_weight_end is not None and not (math.isfinite(usage_weight_end) and usage_weight_end >= 0):
             raise ValueError(f"usage_weight_end must be a finite number >= 0, got {usage_weight_end}.")
         if credit not in ("sequence", "token"):
@@ -124,6 +134,8 @@ class DapsMethod(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         self._usage_now = self.usage_weight + (self.usage_weight_end - self.usage_weight) * min(max(progress, 0.0), 1.0)
+        if self.steps_done < self.warm_start_steps:
+            return self._warm_start_step(pixel_values, targets, progress)
         if self.update_samples is not None or self.credit == "token":
             return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
@@ -312,16 +324,59 @@ class DapsMethod(nn.Module):
                                  reconstruction=reconstruction)
         return output, offset, log_probs
 
+    @property
+    def warm_start_pending(self) -> bool:
+        """True while warm-start steps remain to be taken (they need `fit_warm_start` first)."""
+        return self.steps_done < self.warm_start_steps
+
+    def fit_warm_start(self, images: torch.Tensor, seed: int = 0, iterations: int = 15) -> None:
+        """Fit the k-means codebook of the warm start on training images in the model's input space (N, C, H, W):
+        V centroids of the pixel blocks under the tokens (`training.warm_start`). Deterministic for a seed."""
+        config = self.model.config
+        cells = token_cells(images.float(), config.num_tokens)
+        self.warm_start_centroids = fit_kmeans(cells.reshape(-1, cells.shape[-1]), config.codebook_size,
+                                               iterations=iterations, seed=seed)
+
+    def _warm_start_step(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+        """A warm-start step: each image's k-means code z (B, L), the nearest centroid of each token's pixel block,
+        is the target of both losses: −log q(z | x) for the encoder (teacher-forced) and −log p(x | z) for the
+        decoder. No sampling, no trust region; `warm_start` = 1 in the log marks these steps."""
+        if self.warm_start_centroids is None:
+            raise RuntimeError("DapsMethod has warm_start_steps > 0 but no k-means codebook: call "
+                               "fit_warm_start(training images) before training.")
+        model = self.model
+        centroids = self.warm_start_centroids.to(pixel_values.device)
+        codes = nearest_codes(token_cells(pixel_values.detach().float(), model.config.num_tokens), centroids)
+        codes = codes[:, None]                                                           # (B, 1, L)
+        log_q = model._log_prob_from_memory(model.encode_patches(pixel_values), codes).float()   # (B, 1)
+        rewards, _ = model._reconstruction_log_likelihood(targets, codes)                         # (B, 1)
+        encoder_loss, decoder_loss = -log_q.mean(), -rewards.float().mean()
+        self._pending = None
+        config = model.config
+        return {
+            "loss": encoder_loss + decoder_loss,
+            "encoder_loss": encoder_loss.detach(),
+            "decoder_loss": decoder_loss.detach(),
+            "beta": self.beta_schedule(progress),
+            "kl_nats": (log_q.detach() + config.num_tokens * math.log(config.codebook_size)).mean(),
+            "code_usage": codes.unique().numel() / config.codebook_size,
+            "warm_start": 1.0,
+        }
+
     def after_step(self) -> None:
         """8 (second half): the reference control's Adam step on log η, after the weights of this step were used."""
+        self.steps_done += 1
+        if self._pending is None:  # a warm-start step: no weights, nothing for the control
+            return
         rewards, log_q, beta, offset = self._pending
         self.eta_control.after_step(rewards, log_q, beta, offset)
 
     def state_dict_extra(self) -> dict:
-        return {"eta_control": self.eta_control.state_dict()}
+        return {"eta_control": self.eta_control.state_dict(), "steps_done": self.steps_done}
 
     def load_state_dict_extra(self, state: dict) -> None:
         self.eta_control.load_state_dict(state["eta_control"])
+        self.steps_done = int(state.get("steps_done", 0))
 
 
 class FsqMethod(nn.Module):

@@ -63,6 +63,8 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
     for name in ("num_tokens", "codebook_size", "initializer_range", "head_initializer_range"):
         if getattr(args, name):
             changes[name] = getattr(args, name)
+    if args.aligned_patches is not None:
+        changes["aligned_patches"] = bool(args.aligned_patches)
     if args.method in ("daps-na", "gumbel-na", "vq", "fsq"):
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
@@ -120,6 +122,10 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
     for name in ("max_steps", "batch_size", "num_samples", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.warm_start_steps < 0:
+        raise ValueError(f"--warm_start_steps must be >= 0, got {args.warm_start_steps}.")
+    if args.warm_start_steps and args.method not in ("daps", "daps-na"):
+        raise ValueError(f"--warm_start_steps is a DAPS option (method daps or daps-na), got --method {args.method}.")
     if not 0 < args.ess_target <= 1:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
@@ -168,7 +174,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           usage_weight=args.usage_weight,
                           usage_mutual_information=args.usage_mutual_information,
                           usage_weight_end=args.usage_weight_end,
-                          credit=args.credit, credit_window=args.credit_window)
+                          credit=args.credit, credit_window=args.credit_window,
+                          warm_start_steps=args.warm_start_steps)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
@@ -311,9 +318,18 @@ def train(args: TrainArguments) -> dict:
                         binarized_targets=None if targets is None else targets.to(accelerator.device),
                         generator=torch.Generator(device=accelerator.device).manual_seed(1234))
 
+    clock = time.perf_counter if args.time_clock == "wall" else time.process_time
+    if getattr(inner, "warm_start_pending", False):
+        # The k-means codebook is part of training: its time is charged to the run (recomputed, identically, on
+        # resume while warm-start steps remain).
+        started = clock()
+        inner.fit_warm_start(to_model_input(splits.train, config), seed=args.seed)
+        elapsed += clock() - started
+        if accelerator.is_main_process:
+            logger.info("Warm start: k-means codebook of %d pixel blocks fitted in %.1f s; %d warm-start steps",
+                        config.codebook_size, clock() - started, args.warm_start_steps - inner.steps_done)
     bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
                desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
-    clock = time.perf_counter if args.time_clock == "wall" else time.process_time
     model.train()
     stop = False
     while not stop and step < args.max_steps:

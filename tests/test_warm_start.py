@@ -1,0 +1,109 @@
+"""The k-means warm start of DAPS: cells, k-means, the warm-start step, and its place in training and resume."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenizer import DapsModel
+from training import objective
+from training.methods import DapsMethod
+from training.trainer import build_config, train
+from training.warm_start import fit_kmeans, nearest_codes, token_cells
+
+from test_training import read_log, tiny_args
+
+
+def test_token_cells_are_the_pixel_blocks_under_the_tokens_in_raster_order():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    cells = token_cells(images, num_tokens=8)            # a 2 × 4 grid: blocks of 4 × 2 pixels
+    assert cells.shape == (2, 8, 3 * 4 * 2)
+    # Token 6 is row 1, column 2 of the grid: rows 4..7, columns 4..5, every channel.
+    torch.testing.assert_close(cells[1, 6], images[1, :, 4:8, 4:6].reshape(-1))
+    with pytest.raises(ValueError, match="multiple"):
+        token_cells(torch.zeros(1, 1, 9, 9), num_tokens=4)
+
+
+def test_nearest_codes_is_the_argmin_of_the_distance():
+    generator = torch.Generator().manual_seed(0)
+    points, centroids = torch.randn(50, 2, 5, generator=generator), torch.randn(7, 5, generator=generator)
+    expected = torch.cdist(points.reshape(-1, 5), centroids).argmin(-1).reshape(50, 2)
+    torch.testing.assert_close(nearest_codes(points, centroids, chunk=13), expected)
+
+
+def test_kmeans_finds_separated_clusters_and_is_deterministic():
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = (centres[:, None] + 0.1 * torch.randn(3, 40, 2, generator=generator)).reshape(-1, 2)
+    found = fit_kmeans(points, 3, iterations=10, seed=3)
+    # Every true centre has a centroid next to it: k-means++ seeding spreads the first centroids over the clusters.
+    assert torch.cdist(centres, found).min(-1).values.max() < 0.1
+    torch.testing.assert_close(fit_kmeans(points, 3, iterations=10, seed=3), found)
+    # More codes than distinct points: still V centroids, all finite.
+    assert torch.isfinite(fit_kmeans(points[:2], 5, iterations=3)).all()
+    with pytest.raises(ValueError):
+        fit_kmeans(torch.zeros(0, 2), 3)
+
+
+def _method(tmp_path, warm_start_steps):
+    config, _ = build_config(tiny_args(tmp_path, preset="tiny", num_tokens=16, patch_size=2), image_size=8,
+                             num_channels=1)
+    model = DapsModel(config)
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
+    return DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
+                      warm_start_steps=warm_start_steps)
+
+
+def test_warm_start_steps_fit_both_halves_to_the_kmeans_codes_then_daps_takes_over(tmp_path):
+    torch.manual_seed(0)
+    method = _method(tmp_path, warm_start_steps=2)
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    with pytest.raises(RuntimeError, match="fit_warm_start"):
+        method(images, images, 0.0)
+    method.fit_warm_start(images, seed=0)
+    assert method.warm_start_centroids.shape == (16, 4)      # V = 16 centroids of 2 × 2 blocks
+    out = method(images, images, 0.0)
+    assert out["warm_start"] == 1.0 and "ess" not in out
+    # The loss is −log q(z | x) − log p(x | z) of each image's k-means code, computed here independently.
+    model = method.model
+    codes = torch.cdist(token_cells(images, 16).reshape(-1, 4), method.warm_start_centroids).argmin(-1).view(6, 1, 16)
+    log_q = torch.log_softmax(model.code_logits(model.encode_patches(images), codes), -1)
+    log_q = log_q.gather(-1, codes[..., None]).sum((-1, -2)).squeeze(-1)
+    log_p = model.reconstruction_log_likelihood(images, codes[:, 0])
+    torch.testing.assert_close(out["loss"], -log_q.mean() - log_p.mean())
+    out["loss"].backward()
+    assert model.code_transformer.head.weight.grad is not None
+    method.after_step()
+    assert method(images, images, 0.0)["warm_start"] == 1.0
+    method.after_step()
+    assert not method.warm_start_pending
+    out = method(images, images, 0.5)                          # step 3 is a DAPS step
+    assert "warm_start" not in out and math.isfinite(out["ess"])
+    method.after_step()
+    state = method.state_dict_extra()
+    assert state["steps_done"] == 3
+    fresh = _method(tmp_path, warm_start_steps=2)
+    fresh.load_state_dict_extra(state)
+    assert fresh.steps_done == 3 and not fresh.warm_start_pending
+
+
+def test_warm_start_trains_end_to_end_and_resumes_mid_warm_start(tmp_path):
+    with pytest.raises(ValueError, match="warm_start_steps"):
+        train(tiny_args(tmp_path, method="fsq", warm_start_steps=3))
+    with pytest.raises(ValueError, match="warm_start_steps"):
+        train(tiny_args(tmp_path, warm_start_steps=-1))
+    straight = tiny_args(tmp_path, output_dir=str(tmp_path / "straight"), max_steps=6, warm_start_steps=4,
+                         num_samples=4)
+    metrics = train(straight)
+    assert metrics["steps"] == 6 and metrics["skipped_updates"] == 0
+    rows = [row for row in read_log(tmp_path / "straight") if "encoder_loss" in row]
+    assert [row.get("warm_start", 0.0) for row in rows] == [1.0] * 4 + [0.0] * 2
+    # Stopped after 3 of the 4 warm-start steps and resumed: the codebook is fitted again, identically, and the
+    # run ends where the uninterrupted one did.
+    halves = dict(output_dir=str(tmp_path / "halves"), warm_start_steps=4, num_samples=4)
+    train(tiny_args(tmp_path, max_steps=3, **halves))
+    train(tiny_args(tmp_path, max_steps=6, resume=True, **halves))
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "halves" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
