@@ -107,3 +107,79 @@ def test_warm_start_trains_end_to_end_and_resumes_mid_warm_start(tmp_path):
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "halves" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- pixel paths
+def _pixel_model(**overrides):
+    torch.manual_seed(0)
+    from tokenizer import DapsConfig
+    return DapsModel(DapsConfig.from_preset("tiny", num_tokens=16, pixel_paths=True, **overrides)).eval()
+
+
+def test_pixel_paths_add_a_linear_logit_per_patch_and_a_pixel_block_per_code():
+    from tokenizer.modeling_daps import patch_pixels, unpatch_pixels
+
+    model = _pixel_model()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    codes = torch.randint(0, 16, (2, 1, 16))
+    with torch.no_grad():
+        # Zero at initialisation: no pixel logits, and the decoder network's output starts at zero.
+        assert model.encode_patches(x)[..., -16:].abs().max() == 0
+        assert model.decode(codes[:, 0]).pixel_values.abs().max() == 0
+        before = model.code_logits(model.encode_patches(x), codes)
+        head = model.patch_encoder.pixel_head
+        head.weight.normal_()
+        head.bias.normal_()
+        after = model.code_logits(model.encode_patches(x), codes)
+        torch.testing.assert_close(after - before, head(patch_pixels(x, 4))[:, None], atol=1e-4, rtol=1e-4)
+        blocks = torch.randn(16, 48)
+        model.code_embedding.weight[:, -48:] = blocks
+        expected = unpatch_pixels(blocks[codes[:, 0]], 4, 4, 3)
+        torch.testing.assert_close(model.decode(codes[:, 0]).pixel_values, expected)
+        # Sampling with the KV cache and teacher forcing agree with the pixel logits in.
+        sampled = model.encode(x, num_samples=3, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(model.log_prob(x, sampled.codes), sampled.log_prob, atol=1e-4, rtol=1e-6)
+    assert torch.equal(unpatch_pixels(patch_pixels(x, 4), 4, 4, 3), x)
+    from tokenizer import DapsConfig
+    with pytest.raises(ValueError, match="pixel_paths"):
+        DapsConfig.from_preset("tiny", pixel_paths=True)             # 16 patches for 4 tokens
+    with pytest.raises(ValueError, match="pixel_paths"):
+        DapsConfig.from_preset("tiny", num_tokens=16, pixel_paths=True, quantizer="fsq", encoder_type="parallel",
+                               fsq_levels=[4, 4])
+
+
+def test_kmeans_init_starts_the_model_as_a_patch_kmeans_tokenizer(tmp_path):
+    model = _pixel_model(head_initializer_range=0.02)
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
+    with pytest.raises(ValueError, match="pixel_paths"):
+        DapsMethod(_method(tmp_path, 0).model, 4, control, lambda progress: 0.5, kmeans_init=True)
+    method = DapsMethod(model, 4, control, lambda progress: 0.5, kmeans_init=True)
+    assert method.warm_start_pending
+    generator = torch.Generator().manual_seed(0)
+    # Images made of a few flat colours per patch, so k-means has clear clusters.
+    colours = torch.rand(6, 3, generator=generator) * 2 - 1
+    picks = torch.randint(0, 6, (64, 4, 4), generator=generator)
+    images = colours[picks].permute(0, 3, 1, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)   # (64, 3, 16, 16)
+    images = images + 0.01 * torch.randn(images.shape, generator=generator)
+    method.fit_warm_start(images, seed=0)
+    centroids = method.warm_start_centroids
+    nearest = nearest_codes(token_cells(images, 16), centroids)                       # (64, 16)
+    with torch.no_grad():
+        greedy = model.encode(images).codes
+        # The encoder's mode is the nearest centroid, and that code decodes to the centroid itself.
+        assert (greedy == nearest).float().mean() > 0.99
+        decoded = model.decode(nearest).pixel_values
+    torch.testing.assert_close(token_cells(decoded, 16), centroids[nearest])
+    method.steps_done = 1
+    assert not method.warm_start_pending                                              # a resumed run keeps its weights
+
+
+def test_kmeans_init_trains_end_to_end(tmp_path):
+    with pytest.raises(ValueError, match="kmeans_init"):
+        train(tiny_args(tmp_path, method="vq", kmeans_init=True))
+    metrics = train(tiny_args(tmp_path, preset="tiny", num_tokens=16, patch_size=2, max_steps=4, num_samples=4,
+                              pixel_paths=True, aligned_patches=True, kmeans_init=True))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    loaded = DapsModel.from_pretrained(tmp_path / "run")
+    assert loaded.config.pixel_paths and loaded.config.aligned_patches
+    assert loaded.patch_encoder.pixel_head.weight.abs().sum() > 0

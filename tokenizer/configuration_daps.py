@@ -80,6 +80,11 @@ class DapsConfig(PretrainedConfig):
             cell of the code grid (the patches' near-square grid average-pooled to the tokens' grid). Without it a
             code token sees the image only through cross-attention, and must first learn which patches it owns.
             Needs the patch grid to be a multiple of the token grid.
+        pixel_paths: two linear paths between a code and the pixels of its own patch, beside the transformer and the
+            conv decoder: a pixel head adding `W x_t + b` to token t's logits (x_t the raw patch under the token), and
+            a pixel block per code added to the decoder's output at the code's cell. Both start at zero (no effect)
+            unless set, e.g. from patch k-means (`training.warm_start`), where the model starts as a k-means
+            tokenizer. Categorical quantizer with the full head, learned embeddings, and one patch per token.
         vq_dim: dimension of the VQ codebook vectors.
         decoder_type: "conv" (codes on a grid, residual blocks, transposed convolutions) or "mlp".
         decoder_hidden_size: channels of the conv decoder, or width of the MLP decoder.
@@ -115,6 +120,7 @@ class DapsConfig(PretrainedConfig):
     code_embedding_type: str = "learned"
     code_head: str = "full"
     aligned_patches: bool = False
+    pixel_paths: bool = False
     vq_dim: int = 32
     decoder_type: str = "conv"
     decoder_hidden_size: int = 128
@@ -138,6 +144,11 @@ class DapsConfig(PretrainedConfig):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixel values in one patch, num_channels · patch_size²."""
+        return self.num_channels * self.patch_size**2
 
     @property
     def bos_token_id(self) -> int:  # noqa: D401 - a dedicated id, never a code
@@ -211,6 +222,18 @@ class DapsConfig(PretrainedConfig):
                     f"aligned_patches pools the {side} × {side} patch grid onto the {rows} × {columns} grid of the "
                     f"{self.num_tokens} code tokens; the patch grid must be a multiple of it (choose patch_size or "
                     f"num_tokens accordingly, or aligned_patches=False)."
+                )
+        if not isinstance(self.pixel_paths, bool):
+            raise ValueError(f"DapsConfig.pixel_paths must be True or False, got {self.pixel_paths!r}.")
+        if self.pixel_paths:
+            side = self.image_size // self.patch_size
+            if (self.quantizer != "categorical" or self.code_head != "full" or self.code_embedding_type != "learned"
+                    or side * side != self.num_tokens):
+                raise ValueError(
+                    f"pixel_paths needs the categorical quantizer with code_head 'full', learned code embeddings and "
+                    f"one patch per token (num_tokens = (image_size / patch_size)², here {side}² = {side * side} "
+                    f"patches for {self.num_tokens} tokens); got quantizer={self.quantizer!r}, "
+                    f"code_head={self.code_head!r}, code_embedding_type={self.code_embedding_type!r}."
                 )
         if not 0 < self.min_variance < self.max_variance:
             raise ValueError(

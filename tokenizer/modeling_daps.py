@@ -247,12 +247,36 @@ class DapsPatchEncoder(nn.Module):
         )
         self.layers = nn.ModuleList([DapsPatchLayer(config) for _ in range(config.patch_layers)])
         self.norm = nn.LayerNorm(config.hidden_size)
+        self.patch_size = config.patch_size
+        # pixel_paths: logits of every code from the raw patch, linear (DapsConfig.pixel_paths).
+        self.pixel_head = nn.Linear(config.patch_dim, config.codebook_size) if config.pixel_paths else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2) + self.positions
         for layer in self.layers:
             hidden = layer(hidden)
-        return self.norm(hidden)
+        hidden = self.norm(hidden)
+        if self.pixel_head is None:
+            return hidden
+        # The pixel head's V logits per patch travel with the features: (B, P, d + V).
+        patches = patch_pixels(pixel_values, self.patch_size)
+        return torch.cat([hidden, self.pixel_head(patches.to(hidden.dtype)).to(hidden.dtype)], dim=-1)
+
+
+def patch_pixels(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) → the raw patches in raster order, (B, P, C · patch_size²), channel-major within a patch."""
+    b, c, h, w = pixel_values.shape
+    p = patch_size
+    blocks = pixel_values.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return blocks.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatch_pixels(patches: torch.Tensor, rows: int, columns: int, channels: int) -> torch.Tensor:
+    """Inverse of `patch_pixels` on a rows × columns grid: (N, rows·columns, C·p²) → (N, C, rows·p, columns·p)."""
+    n = patches.shape[0]
+    side = math.isqrt(patches.shape[-1] // channels)
+    blocks = patches.reshape(n, rows, columns, channels, side, side).permute(0, 3, 1, 4, 2, 5)
+    return blocks.reshape(n, channels, rows * side, columns * side)
 
 
 class DapsCodeMemory(list):
@@ -260,9 +284,17 @@ class DapsCodeMemory(list):
     (a list, one (keys, values) pair per layer) and, with `aligned_patches`, the patch features pooled onto the token
     grid, `aligned` (B, L, d), added to token t's input (else None)."""
 
-    def __init__(self, layers_kv, aligned: torch.Tensor | None = None):
+    def __init__(self, layers_kv, aligned: torch.Tensor | None = None, pixel_logits: torch.Tensor | None = None):
         super().__init__(layers_kv)
         self.aligned = aligned
+        self.pixel_logits = pixel_logits   # pixel_paths: (B, L, V) added to the head's logits, else None
+
+    def pixel_logits_for(self, num_sequences: int, position: int | None = None) -> torch.Tensor | int:
+        """The pixel head's logits repeated like `aligned_for`; 0 without pixel_paths."""
+        if self.pixel_logits is None:
+            return 0
+        logits = self.pixel_logits if position is None else self.pixel_logits[:, position:position + 1]
+        return logits.repeat_interleave(num_sequences // logits.shape[0], dim=0)
 
     def aligned_for(self, num_sequences: int, position: int | None = None) -> torch.Tensor | None:
         """The aligned inputs repeated for K = num_sequences / B sequences per image (sample-major within each
@@ -301,6 +333,7 @@ class DapsCodeTransformer(nn.Module):
             self.register_buffer("lattice_columns", self.lattice_columns_for(self.levels), persistent=False)
         self.head = nn.Linear(config.hidden_size, head_size)
         self.bos_token_id = config.codebook_size
+        self.pixel_paths, self.codebook_size = config.pixel_paths, config.codebook_size
         self.aligned_grid = None
         if config.aligned_patches:
             side = config.image_size // config.patch_size
@@ -327,12 +360,15 @@ class DapsCodeTransformer(nn.Module):
 
     def memory_keys_values(self, memory: torch.Tensor) -> DapsCodeMemory:
         """Patch features (B, P, d) → what every code step reads (`DapsCodeMemory`), computed once per image."""
-        aligned = None
+        aligned, pixel_logits = None, None
+        if self.pixel_paths:
+            memory, pixel_logits = memory.split([memory.shape[-1] - self.codebook_size, self.codebook_size], dim=-1)
         if self.aligned_grid is not None:
             b, _, d = memory.shape
             grid = memory.transpose(1, 2).reshape(b, d, *self.patch_grid)
             aligned = F.adaptive_avg_pool2d(grid, self.aligned_grid).flatten(2).transpose(1, 2)   # (B, L, d)
-        return DapsCodeMemory([layer.cross_attention.memory_keys_values(memory) for layer in self.layers], aligned)
+        return DapsCodeMemory([layer.cross_attention.memory_keys_values(memory) for layer in self.layers], aligned,
+                              pixel_logits)
 
     def teacher_forced(self, codes: torch.Tensor, memory_kv) -> torch.Tensor:
         """codes (N, L) with N = B·K, sample-major within each image → head outputs (N, L, head_size)."""
@@ -343,7 +379,7 @@ class DapsCodeTransformer(nn.Module):
             hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=True)
-        return self.project(hidden)
+        return self.project(hidden) + memory_kv.pixel_logits_for(codes.shape[0])
 
     def parallel(self, batch_size: int, memory_kv) -> torch.Tensor:
         """Parallel encoder: head outputs of every position, (B, L, head_size)."""
@@ -353,7 +389,7 @@ class DapsCodeTransformer(nn.Module):
             hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=False)
-        return self.project(hidden)
+        return self.project(hidden) + memory_kv.pixel_logits_for(batch_size)
 
     def new_cache(self, num_sequences: int, reference: torch.Tensor) -> list[DapsLayerCache]:
         attention = self.layers[0].self_attention
@@ -374,7 +410,7 @@ class DapsCodeTransformer(nn.Module):
             hidden = hidden + aligned
         for layer, layer_kv, layer_cache in zip(self.layers, memory_kv, cache):
             hidden = layer(hidden, layer_kv, causal=True, cache=layer_cache, position=position)
-        return self.project(hidden)[:, 0]
+        return (self.project(hidden) + memory_kv.pixel_logits_for(previous_codes.shape[0], position))[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------- quantisers
@@ -472,6 +508,12 @@ class DapsDecoder(nn.Module):
 
     def __init__(self, config: DapsConfig, embedding_dim: int, out_channels: int):
         super().__init__()
+        # pixel_paths: the last patch_dim entries of each code's embedding are a block of pixels added to the output
+        # (the mean, or the Bernoulli logits) at the code's cell; the rest feeds the network.
+        self.pixel_dim = config.patch_dim if config.pixel_paths else 0
+        self.pixel_grid = _grid_shape(config.num_tokens)
+        self.num_channels = config.num_channels
+        embedding_dim -= self.pixel_dim
         self.decoder_type = config.decoder_type
         self.image_size = config.image_size
         self.out_channels = out_channels
@@ -493,6 +535,14 @@ class DapsDecoder(nn.Module):
             self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if not self.pixel_dim:
+            return self._network(embeddings)
+        embeddings, pixels = embeddings.split([embeddings.shape[-1] - self.pixel_dim, self.pixel_dim], dim=-1)
+        output = self._network(embeddings)
+        blocks = unpatch_pixels(pixels, *self.pixel_grid, self.num_channels).to(output.dtype)
+        return torch.cat([output[:, :self.num_channels] + blocks, output[:, self.num_channels:]], dim=1)
+
+    def _network(self, embeddings: torch.Tensor) -> torch.Tensor:
         n = embeddings.shape[0]
         if self.decoder_type == "mlp":
             return self.mlp(embeddings.reshape(n, -1)).view(n, self.out_channels, self.image_size, self.image_size)
@@ -515,6 +565,10 @@ class DapsPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
+        if self.config.pixel_paths and any(module is zeroed for zeroed in self._zero_initialised()):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             # Convolutions keep their activations' scale (LeCun normal, std 1/sqrt(fan-in)) whatever
@@ -537,10 +591,22 @@ class DapsPreTrainedModel(PreTrainedModel):
                 and self.config.code_embedding_type == "lattice"):
             lattice = DapsFiniteScalarQuantizer(self.config.fsq_levels)
             init.copy_(module.weight, lattice.codes_to_values(torch.arange(self.config.codebook_size)))
+        if module is getattr(self, "code_embedding", None) and self.config.pixel_paths:
+            init.zeros_(module.weight[:, module.weight.shape[1] - self.config.patch_dim:])
         if isinstance(module, DapsFiniteScalarQuantizer):
             levels, basis = DapsFiniteScalarQuantizer.level_tensors(self.config.fsq_levels)
             init.copy_(module.levels, levels)
             init.copy_(module.basis, basis)
+
+
+    def _zero_initialised(self) -> list:
+        """pixel_paths: the layers that start at zero: the pixel head (no effect until set) and the decoder network's
+        last layer, so a model whose pixel blocks are set (k-means) decodes exactly them at first."""
+        decoder = getattr(self, "decoder", None)
+        patch_encoder = getattr(self, "patch_encoder", None)
+        if decoder is None or patch_encoder is None:
+            return []
+        return [patch_encoder.pixel_head, decoder.mlp[-1] if decoder.decoder_type == "mlp" else decoder.conv_out]
 
 
 class DapsModel(DapsPreTrainedModel):
@@ -563,6 +629,8 @@ class DapsModel(DapsPreTrainedModel):
             if config.code_embedding_type == "lattice":
                 # Fixed lattice points (see DapsConfig.code_embedding_type), set in _init_weights, never trained.
                 embedding_dim = len(config.fsq_levels)
+            if config.pixel_paths:
+                embedding_dim += config.patch_dim   # the code's pixel block (DapsDecoder)
             self.code_embedding = nn.Embedding(config.codebook_size, embedding_dim)
         elif config.quantizer == "vq":
             self.quantizer = DapsVectorQuantizer(config.codebook_size, config.vq_dim)

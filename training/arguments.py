@@ -93,6 +93,13 @@ class TrainArguments:
                                 "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input)."})
     code_head: str = field(default="full", metadata={"help": "Categorical methods: 'full' (V logits per code) or "
                            "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels)."})
+    pixel_paths: bool | None = field(default=None, metadata={"help": "Categorical methods: linear paths between a "
+                                     "code and the pixels of its own patch (a pixel head on the encoder's logits, a "
+                                     "pixel block per code added to the decoder's output); zero unless "
+                                     "--kmeans_init. Default: the preset's."})
+    kmeans_init: bool = field(default=False, metadata={"help": "DAPS with --pixel_paths: start the model as a patch "
+                              "k-means tokenizer (pixel head = the mixture posterior over centroids, pixel blocks = "
+                              "the centroids), the k-means fitted at the start and charged to the run's time."})
     aligned_patches: bool | None = field(default=None, metadata={"help": "Add to each code token's input the patch "
                                          "features under its cell of the code grid (every method's encoder), besides "
                                          "cross-attention. Default: the preset's."})

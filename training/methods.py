@@ -71,14 +71,21 @@ class DapsMethod(nn.Module):
         warm_start_steps: *optional* number of first steps that fit the encoder (teacher-forced maximum likelihood)
             and the decoder to patch k-means codes instead of taking a DAPS step (`training.warm_start`); needs
             `fit_warm_start` to have been called on the training images. 0: none (the paper's start).
+        kmeans_init: *optional*, needs a model with `pixel_paths`: before the first step, `fit_warm_start` also sets
+            the pixel paths from the k-means codebook, so the model starts as a patch k-means tokenizer: the pixel
+            head gives q(z_t = c | x) ∝ exp(−‖x_t − μ_c‖² / 2σ²) (σ² the mean within-cluster variance per pixel value)
+            and code c decodes to its centroid μ_c. DAPS then trains from there.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
                  update_samples: int | None = None, usage_weight: float = 0.0,
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
-                 usage_weight_end: float | None = None, warm_start_steps: int = 0):
+                 usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False):
         super().__init__()
+        if kmeans_init and not model.config.pixel_paths:
+            raise ValueError("kmeans_init sets the model's pixel paths: it needs a model with pixel_paths=True.")
+        self.kmeans_init = bool(kmeans_init)
         if isinstance(warm_start_steps, bool) or not isinstance(warm_start_steps, int) or warm_start_steps < 0:
             raise ValueError(f"warm_start_steps must be an integer >= 0, got {warm_start_steps!r}.")
         self.warm_start_steps = warm_start_steps
@@ -326,16 +333,39 @@ class DapsMethod(nn.Module):
 
     @property
     def warm_start_pending(self) -> bool:
-        """True while warm-start steps remain to be taken (they need `fit_warm_start` first)."""
-        return self.steps_done < self.warm_start_steps
+        """True while `fit_warm_start` is still needed: warm-start steps remain, or the k-means initialisation has
+        not been applied (it is applied before step one; a resumed run has it in its weights)."""
+        return self.steps_done < self.warm_start_steps or (self.kmeans_init and self.steps_done == 0)
 
     def fit_warm_start(self, images: torch.Tensor, seed: int = 0, iterations: int = 15) -> None:
         """Fit the k-means codebook of the warm start on training images in the model's input space (N, C, H, W):
-        V centroids of the pixel blocks under the tokens (`training.warm_start`). Deterministic for a seed."""
+        V centroids of the pixel blocks under the tokens (`training.warm_start`). Deterministic for a seed. With
+        `kmeans_init` (and no step taken yet), also set the model's pixel paths from it."""
         config = self.model.config
         cells = token_cells(images.float(), config.num_tokens)
-        self.warm_start_centroids = fit_kmeans(cells.reshape(-1, cells.shape[-1]), config.codebook_size,
-                                               iterations=iterations, seed=seed)
+        cells = cells.reshape(-1, cells.shape[-1])                     # every token's pixel block, (N·L, D)
+        self.warm_start_centroids = fit_kmeans(cells, config.codebook_size, iterations=iterations, seed=seed)
+        if self.kmeans_init and self.steps_done == 0:
+            generator = torch.Generator().manual_seed(seed)
+            sample = cells[torch.randperm(cells.shape[0], generator=generator)[:100_000]]
+            self._set_pixel_paths(self.warm_start_centroids, sample)
+
+    @torch.no_grad()
+    def _set_pixel_paths(self, centroids: torch.Tensor, cells: torch.Tensor) -> None:
+        """Pixel head and pixel blocks from k-means centroids (V, D): logits −‖x − μ_c‖² / 2σ² up to a constant in c,
+        i.e. (μ_c·x − ‖μ_c‖²/2) / σ², with σ² the mean squared distance to the nearest centroid per value (the
+        posterior of a Gaussian mixture with equal weights); block c = μ_c (Bernoulli: its logit)."""
+        model = self.model
+        nearest = nearest_codes(cells, centroids)
+        variance = float(((cells - centroids[nearest]) ** 2).mean().clamp(min=1e-6))
+        head = model.patch_encoder.pixel_head
+        head.weight.copy_(centroids / variance)
+        head.bias.copy_(-(centroids**2).sum(-1) / (2 * variance))
+        blocks = centroids
+        if model.config.likelihood == "bernoulli":
+            blocks = torch.logit(centroids.clamp(1e-3, 1 - 1e-3))
+        weight = model.code_embedding.weight
+        weight[:, weight.shape[1] - blocks.shape[1]:] = blocks.to(weight.dtype)
 
     def _warm_start_step(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         """A warm-start step: each image's k-means code z (B, L), the nearest centroid of each token's pixel block,

@@ -65,6 +65,8 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
             changes[name] = getattr(args, name)
     if args.aligned_patches is not None:
         changes["aligned_patches"] = bool(args.aligned_patches)
+    if args.pixel_paths is not None:
+        changes["pixel_paths"] = bool(args.pixel_paths)
     if args.method in ("daps-na", "gumbel-na", "vq", "fsq"):
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
@@ -124,8 +126,9 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.warm_start_steps < 0:
         raise ValueError(f"--warm_start_steps must be >= 0, got {args.warm_start_steps}.")
-    if args.warm_start_steps and args.method not in ("daps", "daps-na"):
-        raise ValueError(f"--warm_start_steps is a DAPS option (method daps or daps-na), got --method {args.method}.")
+    if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
+        raise ValueError(f"--warm_start_steps and --kmeans_init are DAPS options (method daps or daps-na), got "
+                         f"--method {args.method}.")
     if not 0 < args.ess_target <= 1:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
@@ -175,7 +178,7 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           usage_mutual_information=args.usage_mutual_information,
                           usage_weight_end=args.usage_weight_end,
                           credit=args.credit, credit_window=args.credit_window,
-                          warm_start_steps=args.warm_start_steps)
+                          warm_start_steps=args.warm_start_steps, kmeans_init=args.kmeans_init)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
@@ -326,8 +329,9 @@ def train(args: TrainArguments) -> dict:
         inner.fit_warm_start(to_model_input(splits.train, config), seed=args.seed)
         elapsed += clock() - started
         if accelerator.is_main_process:
-            logger.info("Warm start: k-means codebook of %d pixel blocks fitted in %.1f s; %d warm-start steps",
-                        config.codebook_size, clock() - started, args.warm_start_steps - inner.steps_done)
+            logger.info("Warm start: k-means codebook of %d pixel blocks fitted in %.1f s; %d warm-start steps%s",
+                        config.codebook_size, clock() - started, max(0, args.warm_start_steps - inner.steps_done),
+                        "; pixel paths set from it" if args.kmeans_init else "")
     bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
                desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
     model.train()
