@@ -183,3 +183,27 @@ def test_kmeans_init_trains_end_to_end(tmp_path):
     loaded = DapsModel.from_pretrained(tmp_path / "run")
     assert loaded.config.pixel_paths and loaded.config.aligned_patches
     assert loaded.patch_encoder.pixel_head.weight.abs().sum() > 0
+
+
+def test_kmeans_start_is_the_daps_default_where_each_token_has_its_own_patch(tmp_path):
+    from training.arguments import TrainArguments
+    from training.trainer import build_method, resolve_defaults
+
+    def resolved(**kwargs):
+        args = resolve_defaults(TrainArguments(output_dir=str(tmp_path / "run"), **kwargs))
+        config, notes = build_config(args, args.image_size or 32, 3)
+        method = build_method(args, DapsModel(config), None) if args.method.startswith("daps") else None
+        return config, notes, method
+
+    config, _, method = resolved(dataset="photo-crops")
+    assert config.pixel_paths and config.aligned_patches and method.kmeans_init
+    config, _, _ = resolved(dataset="photo-crops", method="fsq")                 # the baselines keep their encoder
+    assert not config.pixel_paths and not config.aligned_patches
+    config, notes, method = resolved(dataset="photo-crops", image_size=64)       # 16² patches for 64 tokens
+    assert not config.pixel_paths and not method.kmeans_init and any("k-means" in note for note in notes)
+    config, _, method = resolved(dataset="photo-crops", pixel_paths=False)
+    assert not config.pixel_paths and not method.kmeans_init
+    config, _, method = resolved(dataset="digits")                                # the mnist preset: unchanged
+    assert not config.pixel_paths and not method.kmeans_init
+    with pytest.raises(ValueError, match="init_from"):
+        resolve_defaults(TrainArguments(dataset="photo-crops", init_from="somewhere", kmeans_init=True))

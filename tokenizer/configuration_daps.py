@@ -45,6 +45,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def code_grid_shape(num_tokens: int) -> tuple[int, int]:
+    """The most nearly square (rows, columns) grid holding exactly num_tokens cells: how the codes lie over the image."""
+    rows = max(r for r in range(1, math.isqrt(num_tokens) + 1) if num_tokens % r == 0)
+    return rows, num_tokens // rows
+
+
 class DapsConfig(PretrainedConfig):
     r"""Configuration of a [`DapsModel`]: an image is mapped to `num_tokens` codes, each in `[0, codebook_size)`.
 
@@ -215,8 +221,7 @@ class DapsConfig(PretrainedConfig):
             raise ValueError(f"DapsConfig.aligned_patches must be True or False, got {self.aligned_patches!r}.")
         if self.aligned_patches:
             side = self.image_size // self.patch_size
-            rows = max(r for r in range(1, math.isqrt(self.num_tokens) + 1) if self.num_tokens % r == 0)
-            columns = self.num_tokens // rows
+            rows, columns = code_grid_shape(self.num_tokens)
             if side % rows or side % columns:
                 raise ValueError(
                     f"aligned_patches pools the {side} × {side} patch grid onto the {rows} × {columns} grid of the "

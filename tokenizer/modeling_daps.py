@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_daps import DapsConfig
+from .configuration_daps import DapsConfig, code_grid_shape
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -492,10 +492,7 @@ class DapsResidualBlock(nn.Module):
         return hidden + self.conv2(F.silu(self.conv1(F.silu(hidden))))
 
 
-def _grid_shape(num_tokens: int) -> tuple[int, int]:
-    """The most nearly square (rows, columns) grid holding exactly num_tokens cells."""
-    rows = max(r for r in range(1, int(math.isqrt(num_tokens)) + 1) if num_tokens % r == 0)
-    return rows, num_tokens // rows
+_grid_shape = code_grid_shape
 
 
 class DapsDecoder(nn.Module):
@@ -511,6 +508,13 @@ class DapsDecoder(nn.Module):
         # pixel_paths: the last patch_dim entries of each code's embedding are a block of pixels added to the output
         # (the mean, or the Bernoulli logits) at the code's cell; the rest feeds the network.
         self.pixel_dim = config.patch_dim if config.pixel_paths else 0
+        # ... and the network's output is scaled per channel by a gate that starts at 0 (as in ReZero): a model whose
+        # blocks are set (k-means) decodes exactly them at first, and Adam's first steps cannot swamp them (a
+        # zero-initialised last layer moved by Adam did: the decoder's loss blew up within 30 steps).
+        self.network_gate = nn.Parameter(torch.zeros(out_channels)) if config.pixel_paths else None
+        # A per-channel offset outside the gate (zero at first): k-means sets the variance channels' from the
+        # within-cluster variance, so the likelihood is calibrated at step one.
+        self.output_bias = nn.Parameter(torch.zeros(out_channels)) if config.pixel_paths else None
         self.pixel_grid = _grid_shape(config.num_tokens)
         self.num_channels = config.num_channels
         embedding_dim -= self.pixel_dim
@@ -538,7 +542,8 @@ class DapsDecoder(nn.Module):
         if not self.pixel_dim:
             return self._network(embeddings)
         embeddings, pixels = embeddings.split([embeddings.shape[-1] - self.pixel_dim, self.pixel_dim], dim=-1)
-        output = self._network(embeddings)
+        output = self._network(embeddings) * self.network_gate[:, None, None].to(embeddings.dtype) \
+            + self.output_bias[:, None, None].to(embeddings.dtype)
         blocks = unpatch_pixels(pixels, *self.pixel_grid, self.num_channels).to(output.dtype)
         return torch.cat([output[:, :self.num_channels] + blocks, output[:, self.num_channels:]], dim=1)
 
@@ -565,11 +570,14 @@ class DapsPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
-        if self.config.pixel_paths and any(module is zeroed for zeroed in self._zero_initialised()):
+        if self.config.pixel_paths and module is getattr(getattr(self, "patch_encoder", None), "pixel_head", None):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
             return
         super()._init_weights(module)
+        if isinstance(module, DapsDecoder) and module.network_gate is not None:
+            init.zeros_(module.network_gate)
+            init.zeros_(module.output_bias)
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             # Convolutions keep their activations' scale (LeCun normal, std 1/sqrt(fan-in)) whatever
             # initializer_range says: a fixed std would blow the conv decoder's output up or shrink it to nothing.
@@ -597,16 +605,6 @@ class DapsPreTrainedModel(PreTrainedModel):
             levels, basis = DapsFiniteScalarQuantizer.level_tensors(self.config.fsq_levels)
             init.copy_(module.levels, levels)
             init.copy_(module.basis, basis)
-
-
-    def _zero_initialised(self) -> list:
-        """pixel_paths: the layers that start at zero: the pixel head (no effect until set) and the decoder network's
-        last layer, so a model whose pixel blocks are set (k-means) decodes exactly them at first."""
-        decoder = getattr(self, "decoder", None)
-        patch_encoder = getattr(self, "patch_encoder", None)
-        if decoder is None or patch_encoder is None:
-            return []
-        return [patch_encoder.pixel_head, decoder.mlp[-1] if decoder.decoder_type == "mlp" else decoder.conv_out]
 
 
 class DapsModel(DapsPreTrainedModel):

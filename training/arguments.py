@@ -16,6 +16,9 @@ BETA_SCHEDULES = {"mnist": (0.5, 0.01), "cifar": (6.0, 0.01), "imagenet": (50.0,
 # λ of the DAPS usage term per preset (benchmarks/RESULTS.md, "Codebook collapse and the usage term"): it gained
 # 1.65 dB at 10 CPU-minutes on the CIFAR-like crops (three seeds) and lost 0.8 dB on MNIST, where codes collapse much less.
 # imagenet follows cifar (natural images; not measured at that size).
+# Presets whose DAPS default is the k-means start (aligned patches + pixel paths + k-means initialisation), where the
+# configuration allows it: natural images, where patch k-means is a strong tokenizer (benchmarks/RESULTS.md).
+KMEANS_START_PRESETS = ("cifar", "imagenet")
 USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 
 # The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.
@@ -96,13 +99,17 @@ class TrainArguments:
     pixel_paths: bool | None = field(default=None, metadata={"help": "Categorical methods: linear paths between a "
                                      "code and the pixels of its own patch (a pixel head on the encoder's logits, a "
                                      "pixel block per code added to the decoder's output); zero unless "
-                                     "--kmeans_init. Default: the preset's."})
-    kmeans_init: bool = field(default=False, metadata={"help": "DAPS with --pixel_paths: start the model as a patch "
-                              "k-means tokenizer (pixel head = the mixture posterior over centroids, pixel blocks = "
-                              "the centroids), the k-means fitted at the start and charged to the run's time."})
+                                     "--kmeans_init. Default: on for daps and daps-na with the cifar and imagenet presets "
+                                     "when each token has its own patch (benchmarks/RESULTS.md, 'k-means start'), "
+                                     "else off."})
+    kmeans_init: bool | None = field(default=None, metadata={"help": "DAPS with --pixel_paths: start the model as a "
+                                     "patch k-means tokenizer (pixel head = the mixture posterior over centroids, pixel "
+                                     "blocks = the centroids), the k-means fitted at the start and charged to the run's "
+                                     "time. Default: on whenever the model has pixel paths and is not --init_from."})
     aligned_patches: bool | None = field(default=None, metadata={"help": "Add to each code token's input the patch "
                                          "features under its cell of the code grid (every method's encoder), besides "
-                                         "cross-attention. Default: the preset's."})
+                                         "cross-attention. Default: as --pixel_paths for daps and daps-na; off for the "
+                                         "baselines."})
     num_tokens: int | None = field(default=None, metadata={"help": "Override L, codes per image."})
     codebook_size: int | None = field(default=None, metadata={"help": "Override V, values per code."})
     patch_size: int | None = field(default=None, metadata={"help": "Override the encoder's patch size."})

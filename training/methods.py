@@ -354,7 +354,8 @@ class DapsMethod(nn.Module):
     def _set_pixel_paths(self, centroids: torch.Tensor, cells: torch.Tensor) -> None:
         """Pixel head and pixel blocks from k-means centroids (V, D): logits −‖x − μ_c‖² / 2σ² up to a constant in c,
         i.e. (μ_c·x − ‖μ_c‖²/2) / σ², with σ² the mean squared distance to the nearest centroid per value (the
-        posterior of a Gaussian mixture with equal weights); block c = μ_c (Bernoulli: its logit)."""
+        posterior of a Gaussian mixture with equal weights); block c = μ_c (Bernoulli: its logit); for a Gaussian
+        decoder, the variance starts at σ²."""
         model = self.model
         nearest = nearest_codes(cells, centroids)
         variance = float(((cells - centroids[nearest]) ** 2).mean().clamp(min=1e-6))
@@ -362,8 +363,15 @@ class DapsMethod(nn.Module):
         head.weight.copy_(centroids / variance)
         head.bias.copy_(-(centroids**2).sum(-1) / (2 * variance))
         blocks = centroids
-        if model.config.likelihood == "bernoulli":
+        config = model.config
+        if config.likelihood == "bernoulli":
             blocks = torch.logit(centroids.clamp(1e-3, 1 - 1e-3))
+        else:
+            # The variance channels' offset: the Gaussian's variance starts at the within-cluster variance.
+            low, high = math.log(config.min_variance), math.log(config.max_variance)
+            fraction = (math.log(min(max(variance, config.min_variance), config.max_variance)) - low) / (high - low)
+            fraction = min(max(fraction, 1e-3), 1 - 1e-3)
+            model.decoder.output_bias[config.num_channels:] = math.log(fraction / (1 - fraction))
         weight = model.code_embedding.weight
         weight[:, weight.shape[1] - blocks.shape[1]:] = blocks.to(weight.dtype)
 

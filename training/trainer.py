@@ -23,7 +23,7 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import BETA_SCHEDULES, DATASET_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
+from .arguments import BETA_SCHEDULES, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
@@ -67,6 +67,17 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["aligned_patches"] = bool(args.aligned_patches)
     if args.pixel_paths is not None:
         changes["pixel_paths"] = bool(args.pixel_paths)
+    elif args.method in ("daps", "daps-na") and preset in KMEANS_START_PRESETS and args.code_embedding == "learned" \
+            and args.code_head == "full":
+        # The k-means start, where each token owns one patch (else the preset's plain encoder, with a note).
+        side = image_size // patch
+        num_tokens = changes.get("num_tokens", config.num_tokens)
+        if side * side == num_tokens:
+            changes["pixel_paths"] = True
+            if args.aligned_patches is None:
+                changes["aligned_patches"] = True
+        else:
+            notes.append(f"no k-means start: {side}² patches for {num_tokens} tokens (it needs one patch per token)")
     if args.method in ("daps-na", "gumbel-na", "vq", "fsq"):
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
@@ -126,6 +137,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.warm_start_steps < 0:
         raise ValueError(f"--warm_start_steps must be >= 0, got {args.warm_start_steps}.")
+    if args.kmeans_init and args.init_from:
+        raise ValueError("--kmeans_init would overwrite the pixel paths of the model given by --init_from.")
     if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
         raise ValueError(f"--warm_start_steps and --kmeans_init are DAPS options (method daps or daps-na), got "
                          f"--method {args.method}.")
@@ -178,7 +191,9 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           usage_mutual_information=args.usage_mutual_information,
                           usage_weight_end=args.usage_weight_end,
                           credit=args.credit, credit_window=args.credit_window,
-                          warm_start_steps=args.warm_start_steps, kmeans_init=args.kmeans_init)
+                          warm_start_steps=args.warm_start_steps,
+                          kmeans_init=args.kmeans_init if args.kmeans_init is not None
+                          else bool(model.config.pixel_paths and not args.init_from))
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":

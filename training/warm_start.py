@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenizer.modeling_daps import _grid_shape
+from tokenizer.configuration_daps import code_grid_shape as _grid_shape
 
 
 def token_cells(images: torch.Tensor, num_tokens: int) -> torch.Tensor:

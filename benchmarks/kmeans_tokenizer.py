@@ -1,0 +1,71 @@
+"""Patch k-means as a tokenizer: the reference point of the k-means initialisation (`daps train --kmeans_init`).
+
+    python benchmarks/kmeans_tokenizer.py [--setting cifar] [--seeds 0 1 2]
+
+Fits the same k-means `--kmeans_init` fits (`training.warm_start.fit_kmeans` on the training images' pixel blocks
+under the tokens: V centroids, 15 Lloyd iterations on at most 200k blocks, k-means++ seeding), then tokenizes each
+held-out image by the nearest centroid per block and decodes by pasting the centroids back: no network, no training
+beyond k-means. Prints the validation and test PSNR (on [0, 1] images), the code usage and the CPU seconds k-means
+took (one thread), per seed, as a markdown table with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from tokenizer import DapsConfig
+from tokenizer.configuration_daps import code_grid_shape as _grid_shape
+from training.data import load_image_splits
+from training.evaluation import psnr
+from training.warm_start import fit_kmeans, nearest_codes, token_cells
+
+SETTINGS = {"cifar": ("photo-crops", "cifar"), "mnist": ("mnist-5k", "mnist")}
+
+
+def reconstruct(images: torch.Tensor, centroids: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in the model's space (N, C, H, W) → (nearest-centroid codes (N, L), the pasted reconstruction)."""
+    n, channels, height, width = images.shape
+    rows, columns = _grid_shape(num_tokens)
+    codes = nearest_codes(token_cells(images, num_tokens), centroids)
+    blocks = centroids[codes].reshape(n, rows, columns, channels, height // rows, width // columns)
+    return codes, blocks.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, height, width)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cifar")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    dataset, preset = SETTINGS[options.setting]
+    config = DapsConfig.from_preset(preset)
+    splits = load_image_splits(dataset, seed=0)
+    # The Gaussian presets work on [-1, 1], as `daps train` feeds the model; PSNR is measured back on [0, 1].
+    to_model = (lambda x: x) if config.likelihood == "bernoulli" else (lambda x: x * 2 - 1)
+    to_unit = (lambda x: x) if config.likelihood == "bernoulli" else (lambda x: (x + 1) / 2)
+    print(f"`python benchmarks/kmeans_tokenizer.py {' '.join(sys.argv[1:])}` — {platform.machine()}, torch "
+          f"{torch.__version__}, 1 thread; {splits.describe()}; {config.num_tokens} tokens × {config.codebook_size} "
+          f"codes\n")
+    print("| seed | k-means CPU s | val PSNR | test PSNR | test code usage |")
+    print("|---|---|---|---|---|")
+    for seed in options.seeds:
+        started = time.process_time()
+        cells = token_cells(to_model(splits.train), config.num_tokens)
+        centroids = fit_kmeans(cells.reshape(-1, cells.shape[-1]), config.codebook_size, seed=seed)
+        seconds = time.process_time() - started
+        scores = {}
+        for name in ("validation", "test"):
+            images = getattr(splits, name)
+            codes, reconstruction = reconstruct(to_model(images), centroids, config.num_tokens)
+            scores[name] = float(psnr(to_unit(reconstruction).clamp(0, 1), images).mean())
+            usage = codes.unique().numel() / config.codebook_size
+        print(f"| {seed} | {seconds:.1f} | {scores['validation']:.2f} | {scores['test']:.2f} | {usage:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
