@@ -207,3 +207,19 @@ def test_kmeans_start_is_the_daps_default_where_each_token_has_its_own_patch(tmp
     assert not config.pixel_paths and not method.kmeans_init
     with pytest.raises(ValueError, match="init_from"):
         resolve_defaults(TrainArguments(dataset="photo-crops", init_from="somewhere", kmeans_init=True))
+
+
+def test_kmeans_temperature_divides_the_pixel_head():
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
+    images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    heads = []
+    for temperature in (1.0, 4.0):
+        method = DapsMethod(_pixel_model(), 4, control, lambda progress: 0.5, kmeans_init=True,
+                            kmeans_temperature=temperature)
+        method.fit_warm_start(images, seed=0)
+        heads.append(method.model.patch_encoder.pixel_head)
+    torch.testing.assert_close(heads[1].weight * 4, heads[0].weight)
+    torch.testing.assert_close(heads[1].bias * 4, heads[0].bias)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="kmeans_temperature"):
+            DapsMethod(_pixel_model(), 4, control, lambda progress: 0.5, kmeans_init=True, kmeans_temperature=bad)

@@ -106,6 +106,8 @@ class TrainArguments:
                                      "patch k-means tokenizer (pixel head = the mixture posterior over centroids, pixel "
                                      "blocks = the centroids), the k-means fitted at the start and charged to the run's "
                                      "time. Default: on whenever the model has pixel paths and is not --init_from."})
+    kmeans_temperature: float = field(default=1.0, metadata={"help": "DAPS k-means start: temperature τ of the pixel "
+                                      "head's mixture posterior (σ² → τσ²); above 1 starts q broader."})
     aligned_patches: bool | None = field(default=None, metadata={"help": "Add to each code token's input the patch "
                                          "features under its cell of the code grid (every method's encoder), besides "
                                          "cross-attention. Default: as --pixel_paths for daps and daps-na; off for the "

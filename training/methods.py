@@ -75,14 +75,20 @@ class DapsMethod(nn.Module):
             the pixel paths from the k-means codebook, so the model starts as a patch k-means tokenizer: the pixel
             head gives q(z_t = c | x) ∝ exp(−‖x_t − μ_c‖² / 2σ²) (σ² the mean within-cluster variance per pixel value)
             and code c decodes to its centroid μ_c. DAPS then trains from there.
+        kmeans_temperature: τ > 0, the k-means start's pixel head becomes the mixture posterior at temperature τ
+            (σ² → τσ²): τ > 1 starts q broader, so the K samples of a step differ. 1: the posterior itself.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
                  decoder_weighting: str = "uniform", greedy_candidate: bool = False, exploration: float = 0.0,
                  update_samples: int | None = None, usage_weight: float = 0.0,
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
-                 usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False):
+                 usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
+                 kmeans_temperature: float = 1.0):
         super().__init__()
+        if not (math.isfinite(kmeans_temperature) and kmeans_temperature > 0):
+            raise ValueError(f"kmeans_temperature must be a finite number > 0, got {kmeans_temperature}.")
+        self.kmeans_temperature = float(kmeans_temperature)
         if kmeans_init and not model.config.pixel_paths:
             raise ValueError("kmeans_init sets the model's pixel paths: it needs a model with pixel_paths=True.")
         self.kmeans_init = bool(kmeans_init)
@@ -360,8 +366,9 @@ class DapsMethod(nn.Module):
         nearest = nearest_codes(cells, centroids)
         variance = float(((cells - centroids[nearest]) ** 2).mean().clamp(min=1e-6))
         head = model.patch_encoder.pixel_head
-        head.weight.copy_(centroids / variance)
-        head.bias.copy_(-(centroids**2).sum(-1) / (2 * variance))
+        spread = variance * self.kmeans_temperature
+        head.weight.copy_(centroids / spread)
+        head.bias.copy_(-(centroids**2).sum(-1) / (2 * spread))
         blocks = centroids
         config = model.config
         if config.likelihood == "bernoulli":

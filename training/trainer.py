@@ -193,7 +193,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           credit=args.credit, credit_window=args.credit_window,
                           warm_start_steps=args.warm_start_steps,
                           kmeans_init=args.kmeans_init if args.kmeans_init is not None
-                          else bool(model.config.pixel_paths and not args.init_from))
+                          else bool(model.config.pixel_paths and not args.init_from),
+                          kmeans_temperature=args.kmeans_temperature)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
