@@ -289,20 +289,23 @@ class DapsCodeMemory(list):
         self.aligned = aligned
         self.pixel_logits = pixel_logits   # pixel_paths: (B, L, V) added to the head's logits, else None
 
+    @staticmethod
+    def _per_sequence(values: torch.Tensor | None, num_sequences: int, position: int | None):
+        """Per-image values (B, L, ·) repeated for K = num_sequences / B sequences per image (sample-major within each
+        image, as the codes are laid out): (B·K, L, ·), or (B·K, 1, ·) at one position; None stays None."""
+        if values is None:
+            return None
+        values = values if position is None else values[:, position:position + 1]
+        return values.repeat_interleave(num_sequences // values.shape[0], dim=0)
+
     def pixel_logits_for(self, num_sequences: int, position: int | None = None) -> torch.Tensor | int:
-        """The pixel head's logits repeated like `aligned_for`; 0 without pixel_paths."""
-        if self.pixel_logits is None:
-            return 0
-        logits = self.pixel_logits if position is None else self.pixel_logits[:, position:position + 1]
-        return logits.repeat_interleave(num_sequences // logits.shape[0], dim=0)
+        """The pixel head's logits per sequence, like `aligned_for`; 0 without pixel_paths."""
+        logits = self._per_sequence(self.pixel_logits, num_sequences, position)
+        return 0 if logits is None else logits
 
     def aligned_for(self, num_sequences: int, position: int | None = None) -> torch.Tensor | None:
-        """The aligned inputs repeated for K = num_sequences / B sequences per image (sample-major within each
-        image, as the codes are laid out): (B·K, L, d), or (B·K, 1, d) at one position."""
-        if self.aligned is None:
-            return None
-        aligned = self.aligned if position is None else self.aligned[:, position:position + 1]
-        return aligned.repeat_interleave(num_sequences // aligned.shape[0], dim=0)
+        """The aligned inputs per sequence: (B·K, L, d), or (B·K, 1, d) at one position; None without them."""
+        return self._per_sequence(self.aligned, num_sequences, position)
 
 
 class DapsCodeTransformer(nn.Module):
