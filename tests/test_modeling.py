@@ -497,3 +497,39 @@ def test_attention_fast_paths_match_scaled_dot_product_attention(causal, queries
     fast = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=causal)
     assert fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_repeated_codes_are_decoded_once_with_the_same_values_and_gradients(per_token):
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=16, pixel_paths=True))
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    distinct = torch.randint(0, 16, (3, 3, 16))
+    # Image 0: samples 0, 2 and 4 repeat one code; image 1: all five distinct; image 2: two pairs.
+    codes = torch.stack([distinct[0, [0, 1, 0, 2, 0]],
+                         torch.randint(0, 16, (5, 16)),
+                         distinct[2, [0, 1, 1, 0, 2]]])                               # (3, 5, 16)
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    reward, means = model._reconstruction_log_likelihood(x, codes, per_token=per_token)
+    hook.remove()
+    assert calls == [3 + 5 + 3]                                      # one decode per distinct (image, code)
+    (reward.sum() + means.sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # Reference: every copy decoded on its own, one image and sample at a time.
+    expected_reward, expected_means = [], []
+    for i in range(3):
+        for j in range(5):
+            parameters = model.likelihood_parameters(model.embed_codes(codes[i, j][None]))
+            score = (model.token_log_likelihood if per_token else model.log_likelihood)(x[i][None], parameters)
+            expected_reward.append(score[0])
+            expected_means.append(parameters.pixel_values[0])
+    expected_reward = torch.stack(expected_reward).view(reward.shape)
+    expected_means = torch.stack(expected_means).view(means.shape)
+    torch.testing.assert_close(reward, expected_reward, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(means, expected_means, atol=1e-5, rtol=1e-5)
+    (expected_reward.sum() + expected_means.sum()).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-3, rtol=1e-4, msg=name)

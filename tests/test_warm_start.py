@@ -119,11 +119,11 @@ def _pixel_model(**overrides):
 def test_pixel_paths_add_a_linear_logit_per_patch_and_a_pixel_block_per_code():
     from tokenizer.modeling_daps import patch_pixels, unpatch_pixels
 
-    model = _pixel_model()
+    model = _pixel_model(decoder_gate_init=0.0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     codes = torch.randint(0, 16, (2, 1, 16))
     with torch.no_grad():
-        # Zero at initialisation: no pixel logits, and the decoder network's output starts at zero.
+        # Zero at initialisation: no pixel logits, and with a closed gate the decoder network's output is zero.
         assert model.encode_patches(x)[..., -16:].abs().max() == 0
         assert model.decode(codes[:, 0]).pixel_values.abs().max() == 0
         before = model.code_logits(model.encode_patches(x), codes)
@@ -136,6 +136,20 @@ def test_pixel_paths_add_a_linear_logit_per_patch_and_a_pixel_block_per_code():
         model.code_embedding.weight[:, -48:] = blocks
         expected = unpatch_pixels(blocks[codes[:, 0]], 4, 4, 3)
         torch.testing.assert_close(model.decode(codes[:, 0]).pixel_values, expected)
+        # With the default gate (0.3), the network's gated output is added, and the network reads the whole code
+        # embedding, pixel block included: changing only the blocks changes its contribution.
+        gated = _pixel_model()
+        assert torch.equal(gated.decoder.network_gate, torch.full((6,), 0.3))
+        network_part = []
+        for scale in (1.0, 2.0):
+            gated.code_embedding.weight[:, -48:] = blocks * scale
+            embeddings = gated.embed_codes(codes[:, 0])
+            mean = gated.decode(codes[:, 0]).pixel_values
+            residual = 0.3 * gated.decoder._network(embeddings)[:, :3]
+            torch.testing.assert_close(mean, unpatch_pixels(blocks[codes[:, 0]] * scale, 4, 4, 3) + residual,
+                                       atol=1e-5, rtol=1e-5)
+            network_part.append(residual)
+        assert (network_part[0] - network_part[1]).abs().max() > 1e-3
         # Sampling with the KV cache and teacher forcing agree with the pixel logits in.
         sampled = model.encode(x, num_samples=3, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(model.log_prob(x, sampled.codes), sampled.log_prob, atol=1e-4, rtol=1e-6)
@@ -149,7 +163,8 @@ def test_pixel_paths_add_a_linear_logit_per_patch_and_a_pixel_block_per_code():
 
 
 def test_kmeans_init_starts_the_model_as_a_patch_kmeans_tokenizer(tmp_path):
-    model = _pixel_model(head_initializer_range=0.02)
+    # With the decoder gate closed at the start, the model is exactly the k-means tokenizer.
+    model = _pixel_model(head_initializer_range=0.02, decoder_gate_init=0.0)
     control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
     with pytest.raises(ValueError, match="pixel_paths"):
         DapsMethod(_method(tmp_path, 0).model, 4, control, lambda progress: 0.5, kmeans_init=True)

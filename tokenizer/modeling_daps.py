@@ -509,18 +509,21 @@ class DapsDecoder(nn.Module):
     def __init__(self, config: DapsConfig, embedding_dim: int, out_channels: int):
         super().__init__()
         # pixel_paths: the last patch_dim entries of each code's embedding are a block of pixels added to the output
-        # (the mean, or the Bernoulli logits) at the code's cell; the rest feeds the network.
+        # (the mean, or the Bernoulli logits) at the code's cell. The network reads the whole embedding, block
+        # included: from a k-means start its input already says what each code looks like, and it learns a
+        # correction (deblocking) instead of first learning the codes from random embeddings (measured 4× the gain,
+        # benchmarks/RESULTS.md, "The decoder that refines the k-means blocks").
         self.pixel_dim = config.patch_dim if config.pixel_paths else 0
-        # ... and the network's output is scaled per channel by a gate that starts at 0 (as in ReZero): a model whose
-        # blocks are set (k-means) decodes exactly them at first, and Adam's first steps cannot swamp them (a
-        # zero-initialised last layer moved by Adam did: the decoder's loss blew up within 30 steps).
+        # ... and the network's output is scaled per channel by a gate that starts small (config.decoder_gate_init,
+        # as in ReZero): a model whose blocks are set (k-means) decodes nearly them at first, and Adam's first steps
+        # cannot swamp them (a zero-initialised last layer moved by Adam did: the decoder's loss blew up within 30
+        # steps). A gate of exactly 0 opened too slowly (it stayed under 0.1 over 400 steps).
         self.network_gate = nn.Parameter(torch.zeros(out_channels)) if config.pixel_paths else None
         # A per-channel offset outside the gate (zero at first): k-means sets the variance channels' from the
         # within-cluster variance, so the likelihood is calibrated at step one.
         self.output_bias = nn.Parameter(torch.zeros(out_channels)) if config.pixel_paths else None
         self.pixel_grid = _grid_shape(config.num_tokens)
         self.num_channels = config.num_channels
-        embedding_dim -= self.pixel_dim
         self.decoder_type = config.decoder_type
         self.image_size = config.image_size
         self.out_channels = out_channels
@@ -544,7 +547,7 @@ class DapsDecoder(nn.Module):
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         if not self.pixel_dim:
             return self._network(embeddings)
-        embeddings, pixels = embeddings.split([embeddings.shape[-1] - self.pixel_dim, self.pixel_dim], dim=-1)
+        pixels = embeddings[..., embeddings.shape[-1] - self.pixel_dim:]
         output = self._network(embeddings) * self.network_gate[:, None, None].to(embeddings.dtype) \
             + self.output_bias[:, None, None].to(embeddings.dtype)
         blocks = unpatch_pixels(pixels, *self.pixel_grid, self.num_channels).to(output.dtype)
@@ -579,7 +582,7 @@ class DapsPreTrainedModel(PreTrainedModel):
             return
         super()._init_weights(module)
         if isinstance(module, DapsDecoder) and module.network_gate is not None:
-            init.zeros_(module.network_gate)
+            init.constant_(module.network_gate, self.config.decoder_gate_init)
             init.zeros_(module.output_bias)
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             # Convolutions keep their activations' scale (LeCun normal, std 1/sqrt(fan-in)) whatever
@@ -956,15 +959,39 @@ class DapsModel(DapsPreTrainedModel):
         return reward[:, 0] if unbatched else reward
 
     def _reconstruction_log_likelihood(self, pixel_values, codes, per_token: bool = False):
-        """codes (B, K, L) → log p(x | z) (B, K), or (B, K, L) split over tokens with `per_token`; and the means."""
+        """codes (B, K, L) → log p(x | z) (B, K), or (B, K, L) split over tokens with `per_token`; and the means.
+
+        Each distinct code of an image is decoded once: a sharp encoder draws the same code several times in a step
+        (at the k-means start, nearly always), and its copies share one decode; the copies' gradients sum into it
+        through the index, so values and gradients are those of decoding every copy.
+        """
         b, k, length = codes.shape
-        parameters = self.likelihood_parameters(self.embed_codes(codes.reshape(b * k, length)))
-        targets = pixel_values[:, None].expand(b, k, *pixel_values.shape[1:]).reshape(b * k, *pixel_values.shape[1:])
+        image_shape = pixel_values.shape[1:]
+        index = first = None
+        if k > 1:
+            same = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1)              # (B, K, K)
+            first = same.to(torch.uint8).argmax(-1)                                     # first copy of each sample
+            distinct = (first == torch.arange(k, device=codes.device)).reshape(-1)      # (B·K,)
+            if bool(distinct.all()):
+                first = None
+            else:
+                position = distinct.long().cumsum(0) - 1                                # rank among the distinct
+                index = position.view(b, k).gather(1, first)                            # (B, K) → distinct row
+                rows = distinct.nonzero().squeeze(1)
+                flat_codes = codes.reshape(b * k, length)[rows]
+                targets = pixel_values[rows // k]
+        if first is None:
+            flat_codes = codes.reshape(b * k, length)
+            targets = pixel_values[:, None].expand(b, k, *image_shape).reshape(b * k, *image_shape)
+        parameters = self.likelihood_parameters(self.embed_codes(flat_codes))
         if per_token:
-            reward = self.token_log_likelihood(targets, parameters).view(b, k, -1)
+            reward = self.token_log_likelihood(targets, parameters)                    # (N, L)
         else:
-            reward = self.log_likelihood(targets, parameters).view(b, k)
-        return reward, parameters.pixel_values.view(b, k, *pixel_values.shape[1:])
+            reward = self.log_likelihood(targets, parameters)                          # (N,)
+        means = parameters.pixel_values
+        if index is not None:
+            return reward[index], means[index]                                          # (B, K, ...) again
+        return reward.view(b, k, *reward.shape[1:]), means.view(b, k, *image_shape)
 
     # ------------------------------------------------------------------ training entry point
     def forward(self, pixel_values: torch.Tensor, codes: torch.Tensor | None = None, num_samples: int = 1,

@@ -108,6 +108,9 @@ class TrainArguments:
                                      "time. Default: on whenever the model has pixel paths and is not --init_from."})
     kmeans_temperature: float = field(default=1.0, metadata={"help": "DAPS k-means start: temperature τ of the pixel "
                                       "head's mixture posterior (σ² → τσ²); above 1 starts q broader."})
+    decoder_gate_init: float | None = field(default=None, metadata={"help": "With --pixel_paths: the starting value "
+                                            "of the decoder network's output gate (default: the config's, 0.3; 0 "
+                                            "starts as exactly the k-means tokenizer but the network adds little)."})
     aligned_patches: bool | None = field(default=None, metadata={"help": "Add to each code token's input the patch "
                                          "features under its cell of the code grid (every method's encoder), besides "
                                          "cross-attention. Default: as --pixel_paths for daps and daps-na; off for the "

@@ -63,6 +63,8 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
     for name in ("num_tokens", "codebook_size", "initializer_range", "head_initializer_range"):
         if getattr(args, name):
             changes[name] = getattr(args, name)
+    if args.decoder_gate_init is not None:
+        changes["decoder_gate_init"] = float(args.decoder_gate_init)
     if args.aligned_patches is not None:
         changes["aligned_patches"] = bool(args.aligned_patches)
     if args.pixel_paths is not None:
