@@ -8,7 +8,8 @@ paths, the encoder's pixel head and each code's pixel block set from patch k-mea
 the decoder (network, gate, offsets and code embeddings) is trained by AdamW on the images' nearest-centroid codes,
 with the trainer's settings (batch 32, lr 1e-3, 50 warm-up steps, weight decay 1e-4, gradient clipping at 1). Those
 are the codes a DAPS step decodes while the pixel head keeps q sharp, so this isolates how much and how fast the
-decoder can add over the pasted centroids. Validation PSNR (500 crops, [0, 1] images) every 50 steps.
+decoder can add over the pasted centroids. Validation PSNR (500 crops, [0, 1] images) every 50 steps, test PSNR
+(every test crop, greedy = nearest-centroid codes) at the end.
 
 Designs: `blind-G` is the seventh session's decoder (the network does not see the pixel blocks: they are zeroed in
 its input, which is the same as leaving those input channels out), `reads-G` the decoder whose network reads the
@@ -87,7 +88,11 @@ def run(design: str, splits, steps: int, batch: int, seed: int, every: int) -> l
             rows.append((step, validation_psnr(), time.process_time() - started))
             print(f"  {design} step {step}: val {rows[-1][1]:.2f} dB, gate |g| {model.decoder.network_gate[:3].abs().mean():.3f}",
                   file=sys.stderr, flush=True)
-    return rows
+    test = splits.test * 2 - 1
+    with torch.no_grad():
+        mean = model.decode(codes_of(test)).pixel_values.clamp(-1, 1)
+    test_psnr = psnr((mean + 1) / 2, (test + 1) / 2).mean().item()
+    return rows, test_psnr
 
 
 def main() -> None:
@@ -109,11 +114,12 @@ def main() -> None:
     print(f"`python benchmarks/decoder_refinement.py {' '.join(sys.argv[1:])}` — {platform.machine()}, torch "
           f"{torch.__version__}, 1 thread; {splits.describe()}; seed {options.seed}; validation PSNR (500 crops, dB) "
           f"of the decoder trained on fixed nearest-centroid codes; step 0 is the k-means start\n")
-    steps = [row[0] for row in next(iter(results.values()))]
-    print("| design | " + " | ".join(f"step {s}" for s in steps) + " | CPU s |")
-    print("|---" * (len(steps) + 2) + "|")
-    for design, rows in results.items():
-        print(f"| {design} | " + " | ".join(f"{row[1]:.2f}" for row in rows) + f" | {rows[-1][2]:.0f} |")
+    steps = [row[0] for row in next(iter(results.values()))[0]]
+    print("| design | " + " | ".join(f"step {s}" for s in steps) + " | CPU s | test PSNR (all crops) |")
+    print("|---" * (len(steps) + 3) + "|")
+    for design, (rows, test_psnr) in results.items():
+        print(f"| {design} | " + " | ".join(f"{row[1]:.2f}" for row in rows) + f" | {rows[-1][2]:.0f} | "
+              f"{test_psnr:.2f} |")
 
 
 if __name__ == "__main__":
