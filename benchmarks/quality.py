@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="Validation curve every N steps.")
     parser.add_argument("--num-candidates", type=int, default=16)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                        help="An extra DAPS run: a name, '=', then `daps train` flags, e.g. "
+                        help="An extra DAPS run: a name (without '='), '=', then `daps train` flags, e.g. "
                              "'beta 0.1=--beta_start 0.1'. Repeatable; with --ablation adds to its rows, otherwise "
                              "replaces the method list unless --methods is given too.")
     parser.add_argument("--fid-images", type=int, default=0,
@@ -154,6 +154,9 @@ def main() -> None:
         name, separator, flags = spec.partition("=")
         if not separator or not name.strip():
             parser.error(f"--variant needs NAME=FLAGS, got {spec!r}")
+        if any(not flag.startswith("-") for flag in flags.split()[:1]):
+            parser.error(f"--variant {spec!r}: the flags after the first '=' must start with a '--' option "
+                         f"(a NAME cannot contain '=')")
         variants[name.strip()] = extra + flags.split()
     if args.ablation:
         runs = {name: extra + change for name, change in ABLATION.items()}
