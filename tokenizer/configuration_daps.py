@@ -95,7 +95,7 @@ class DapsConfig(PretrainedConfig):
             channel by a learned gate.
         decoder_gate_init: the starting value of that gate (pixel_paths only). 0 makes a k-means-initialised model
             decode exactly its centroids at step one, but the gate then opens slowly and the network adds little;
-            0.3 costs 0.06 dB at step one and learned fastest (benchmarks/RESULTS.md).
+            0.3 costs 0.05 dB at step one and learned fastest (benchmarks/RESULTS.md).
         vq_dim: dimension of the VQ codebook vectors.
         decoder_type: "conv" (codes on a grid, residual blocks, transposed convolutions) or "mlp".
         decoder_hidden_size: channels of the conv decoder, or width of the MLP decoder.

@@ -74,7 +74,8 @@ class DapsMethod(nn.Module):
         kmeans_init: *optional*, needs a model with `pixel_paths`: before the first step, `fit_warm_start` also sets
             the pixel paths from the k-means codebook, so the model starts as a patch k-means tokenizer: the pixel
             head gives q(z_t = c | x) ∝ exp(−‖x_t − μ_c‖² / 2σ²) (σ² the mean within-cluster variance per pixel value)
-            and code c decodes to its centroid μ_c. DAPS then trains from there.
+            and code c decodes to its centroid μ_c, plus the decoder network's output scaled by its gate
+            (`decoder_gate_init`: exactly μ_c when 0). DAPS then trains from there.
         kmeans_temperature: τ > 0, the k-means start's pixel head becomes the mixture posterior at temperature τ
             (σ² → τσ²): τ > 1 starts q broader, so the K samples of a step differ. 1: the posterior itself.
     """
