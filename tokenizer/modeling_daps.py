@@ -968,21 +968,18 @@ class DapsModel(DapsPreTrainedModel):
         """
         b, k, length = codes.shape
         image_shape = pixel_values.shape[1:]
-        index = first = None
+        flat_codes = codes.reshape(b * k, length)
+        index = None
         if k > 1:
             same = (codes[:, :, None, :] == codes[:, None, :, :]).all(-1)              # (B, K, K)
             first = same.to(torch.uint8).argmax(-1)                                     # first copy of each sample
             distinct = (first == torch.arange(k, device=codes.device)).reshape(-1)      # (B·K,)
-            if bool(distinct.all()):
-                first = None
-            else:
+            if not bool(distinct.all()):
                 position = distinct.long().cumsum(0) - 1                                # rank among the distinct
                 index = position.view(b, k).gather(1, first)                            # (B, K) → distinct row
                 rows = distinct.nonzero().squeeze(1)
-                flat_codes = codes.reshape(b * k, length)[rows]
-                targets = pixel_values[rows // k]
-        if first is None:
-            flat_codes = codes.reshape(b * k, length)
+                flat_codes, targets = flat_codes[rows], pixel_values[rows // k]
+        if index is None:
             targets = pixel_values[:, None].expand(b, k, *image_shape).reshape(b * k, *image_shape)
         parameters = self.likelihood_parameters(self.embed_codes(flat_codes))
         if per_token:
