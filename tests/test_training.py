@@ -113,11 +113,13 @@ def _train_command(output_dir, max_steps, extra=()):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # A decaying learning rate, so that the resumed run must also restore where the schedule was.
+    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3"]
     straight = tmp_path / "straight"
-    subprocess.run(_train_command(straight, 30), check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(_train_command(straight, 30, schedule), check=True, env=env, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(killed, 30), env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_train_command(killed, 30, schedule), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -135,7 +137,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     for folder in (killed / "checkpoints").iterdir():
         assert folder.name.startswith(".tmp-") or (folder / "COMPLETE").exists()
 
-    subprocess.run(_train_command(killed, 30, ["--resume", "true"]), check=True, env=env, capture_output=True,
+    subprocess.run(_train_command(killed, 30, [*schedule, "--resume", "true"]), check=True, env=env, capture_output=True,
                    timeout=600)
     a = load_file(str(straight / "model.safetensors"))
     b = load_file(str(killed / "model.safetensors"))
@@ -261,6 +263,28 @@ def test_process_clock_budget_stops_the_run_and_is_recorded(tmp_path):
     assert "wall_clock_seconds" not in metrics
     with pytest.raises(ValueError, match="time_clock"):
         train(tiny_args(tmp_path / "bad", time_clock="cpu"))
+
+
+def test_cosine_schedule_decays_on_the_run_progress_to_the_end_fraction(tmp_path):
+    args = tiny_args(tmp_path, max_steps=12, warmup_steps=3, learning_rate=2e-3, lr_schedule="cosine",
+                     lr_end_fraction=0.2)
+    train(args)
+    rows = [row for row in read_log(args.output_dir) if "lr" in row]
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    for row in rows:
+        step = row["step"]
+        warmup = min(1.0, (step + 1) / 3)
+        cosine = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * step / 12))
+        assert row["lr"] == pytest.approx(2e-3 * warmup * cosine, rel=1e-6), step
+    assert rows[-1]["lr"] == pytest.approx(2e-3 * 0.2)
+    # The default keeps the rate constant after the warm-up.
+    constant = tiny_args(tmp_path / "constant", max_steps=6, warmup_steps=2)
+    train(constant)
+    assert [row["lr"] for row in read_log(constant.output_dir)][1:] == [pytest.approx(1e-3)] * 5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(tiny_args(tmp_path / "bad", lr_schedule="linear"))
+    with pytest.raises(ValueError, match="lr_end_fraction"):
+        train(tiny_args(tmp_path / "bad2", lr_schedule="cosine", lr_end_fraction=1.5))
 
 
 def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):

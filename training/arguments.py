@@ -48,6 +48,11 @@ class TrainArguments:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clipping (0 disables)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear learning-rate warm-up steps."})
+    lr_schedule: str = field(default="constant", metadata={"help": "Learning rate after the warm-up: 'constant', or "
+                             "'cosine' (from --learning_rate down to --lr_end_fraction of it at the end of the run, on "
+                             "the same clock as β: the larger of steps/max_steps and time/max_time)."})
+    lr_end_fraction: float = field(default=0.1, metadata={"help": "With --lr_schedule cosine: the learning rate at "
+                                   "the end of the run, as a fraction of --learning_rate."})
     beta_start: float | None = field(default=None, metadata={"help": "β at the start (default: the preset's)."})
     beta_end: float | None = field(default=None, metadata={"help": "β at the end (default: the preset's)."})
     eta_control: str = field(default="bisection", metadata={"help": "'bisection': solve mean ESS(η) = ρK exactly per "

@@ -125,6 +125,21 @@ def replace_config(config: DapsConfig, **changes) -> DapsConfig:
 DAPS_HEAD_INITIALIZER_RANGE = 0.3
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(args: TrainArguments, step: int, progress: float) -> float:
+    """The learning rate's multiplier at optimiser step `step` (0-based) and run progress `progress` in [0, 1]:
+    a linear warm-up over `warmup_steps`, times the schedule's decay (1 for 'constant'; for 'cosine',
+    f + (1 − f)(1 + cos πp)/2 with f = `lr_end_fraction`)."""
+    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    if args.lr_schedule == "constant":
+        return warmup
+    progress = min(1.0, max(0.0, progress))
+    floor = args.lr_end_fraction
+    return warmup * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def resolve_defaults(args: TrainArguments) -> TrainArguments:
     if args.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}.")
@@ -144,6 +159,10 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
     if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
         raise ValueError(f"--warm_start_steps and --kmeans_init are DAPS options (method daps or daps-na), got "
                          f"--method {args.method}.")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}.")
+    if not 0 <= args.lr_end_fraction <= 1:
+        raise ValueError(f"--lr_end_fraction must be in [0, 1], got {args.lr_end_fraction}.")
     if not 0 < args.ess_target <= 1:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
@@ -273,8 +292,11 @@ def train(args: TrainArguments) -> dict:
     gather = accelerator.gather if world > 1 else None
     method = build_method(args, model, gather)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # The decay follows the run's progress on the β clock, which the loop writes here before each scheduler step
+    # (a time budget has no step count to decay over); restored on resume from the step and elapsed time.
+    schedule_progress = {"value": 0.0}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps))
+        optimizer, lambda step: lr_factor(args, step, schedule_progress["value"])
     )
     method, optimizer, scheduler = accelerator.prepare(method, optimizer, scheduler)
     inner = accelerator.unwrap_model(method)
@@ -377,6 +399,7 @@ def train(args: TrainArguments) -> dict:
                     finite = math.isfinite(grad_norm) and math.isfinite(out["loss"].item())
                     if finite:
                         optimizer.step()
+                        schedule_progress["value"] = progress_of(step + 1, elapsed + clock() - started)
                         scheduler.step()
                     else:
                         skipped += 1  # a non-finite update is dropped, never applied
