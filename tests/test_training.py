@@ -287,6 +287,17 @@ def test_cosine_schedule_decays_on_the_run_progress_to_the_end_fraction(tmp_path
         train(tiny_args(tmp_path / "bad2", lr_schedule="cosine", lr_end_fraction=1.5))
 
 
+def test_keep_freed_memory_applies_on_glibc_and_training_runs_with_it(tmp_path):
+    import platform
+
+    from training.trainer import keep_freed_memory
+
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True
+    metrics = train(tiny_args(tmp_path, max_steps=3, keep_freed_memory=True))
+    assert metrics["steps"] == 3 and math.isfinite(metrics["psnr"])
+
+
 def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):
     from training import objective
     from training.methods import DapsMethod

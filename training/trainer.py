@@ -223,6 +223,25 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
     return GumbelMethod(model, beta_schedule, args.gumbel_temperature_start, args.gumbel_temperature_end)
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's allocator to keep freed memory for reuse: no mmap for large blocks (threshold 1 GiB) and no
+    trimming of the heap. PyTorch on CPU frees and re-allocates its large activation buffers on every step; by
+    default each such buffer is a fresh mmap whose pages fault in again at first touch. Returns whether it applied
+    (False off glibc, e.g. macOS or musl, where nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 def train(args: TrainArguments) -> dict:
     """Train a tokenizer as `args` says; returns the final held-out metrics (also written to metrics.json)."""
@@ -236,6 +255,7 @@ def train(args: TrainArguments) -> dict:
     args = resolve_defaults(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    freed_memory_kept = keep_freed_memory() if args.keep_freed_memory else False
     output_dir = Path(args.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     resume_from = latest_checkpoint(checkpoint_dir) if args.resume else None
@@ -288,6 +308,8 @@ def train(args: TrainArguments) -> dict:
             logger.info("Configuration adapted: %s", note)
         logger.info("Model: %d parameters, %d tokens × %d codes = %.0f bits per image",
                     model.num_parameters(), config.num_tokens, config.codebook_size, config.bits_per_image)
+        if freed_memory_kept:
+            logger.info("Freed memory is kept for reuse (glibc mallopt; --keep_freed_memory)")
 
     gather = accelerator.gather if world > 1 else None
     method = build_method(args, model, gather)
