@@ -2,6 +2,7 @@
 
     python benchmarks/decoder_refinement.py                          # the four designs below, 400 steps each
     python benchmarks/decoder_refinement.py --designs reads-0.3 --steps 800
+    python benchmarks/decoder_refinement.py --designs reads-0.3 --steps 1800 --save benchmarks/runs/decoder-only
 
 From the k-means start `daps train` uses on the cifar preset (`DapsMethod.fit_warm_start`: aligned patches, pixel
 paths, the encoder's pixel head and each code's pixel block set from patch k-means), the encoder is left alone and
@@ -48,7 +49,8 @@ def blind(decoder) -> None:
     decoder._network = without_blocks
 
 
-def run(design: str, splits, steps: int, batch: int, seed: int, every: int) -> list[tuple[int, float, float]]:
+def run(design: str, splits, steps: int, batch: int, seed: int, every: int,
+        save: str | None = None) -> list[tuple[int, float, float]]:
     kind, gate = design.split("-")
     torch.manual_seed(seed)
     config = DapsConfig.from_preset("cifar", pixel_paths=True, aligned_patches=True, decoder_gate_init=float(gate))
@@ -92,6 +94,9 @@ def run(design: str, splits, steps: int, batch: int, seed: int, every: int) -> l
     with torch.no_grad():
         mean = model.decode(codes_of(test)).pixel_values.clamp(-1, 1)
     test_psnr = psnr((mean + 1) / 2, (test + 1) / 2).mean().item()
+    if save:
+        # A loadable tokenizer folder (encoder: the k-means start, untouched; decoder: as trained here).
+        model.save_pretrained(Path(save) / design)
     return rows, test_psnr
 
 
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--save", default=None, help="write each design's model to SAVE/<design> (save_pretrained)")
     options = parser.parse_args()
     for design in options.designs:
         kind, _, gate = design.partition("-")
@@ -109,7 +115,7 @@ def main() -> None:
             parser.error(f"a design is blind-G or reads-G with G the gate's start, got {design!r}")
     torch.set_num_threads(1)
     splits = load_image_splits("photo-crops", seed=0)
-    results = {design: run(design, splits, options.steps, options.batch, options.seed, options.every)
+    results = {design: run(design, splits, options.steps, options.batch, options.seed, options.every, options.save)
                for design in options.designs}
     print(f"`python benchmarks/decoder_refinement.py {' '.join(sys.argv[1:])}` — {platform.machine()}, torch "
           f"{torch.__version__}, 1 thread; {splits.describe()}; seed {options.seed}; validation PSNR (500 crops, dB) "

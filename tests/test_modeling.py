@@ -436,6 +436,47 @@ def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
     assert (best_score >= model.reconstruction_log_likelihood(x, candidates).max(1).values - 1e-4).all()
 
 
+def _perturbed_mnist_model():
+    torch.manual_seed(0)
+    model = make_model("mnist")
+    with torch.no_grad():  # a decoder that depends on its codes, so candidates differ
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def test_local_search_shapes_determinism_and_log_prob():
+    model = _perturbed_mnist_model()
+    x = random_images(model.config, 3)
+    a = model.encode(x, search="local", num_candidates=3, num_sweeps=1)
+    b = model.encode(x, search="local", num_candidates=3, num_sweeps=1)
+    assert a.codes.shape == (3, 8) and a.codes.dtype == torch.long and a.log_prob.shape == (3,)
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
+
+
+def test_local_search_is_never_worse_than_greedy_and_ends_at_a_local_optimum():
+    model = _perturbed_mnist_model()
+    x = random_images(model.config, 6)
+    greedy = model.encode(x).codes
+    found = model.encode(x, search="local", num_candidates=4, num_sweeps=50).codes
+    greedy_score = model.reconstruction_log_likelihood(x, greedy)
+    score = model.reconstruction_log_likelihood(x, found)
+    assert (score >= greedy_score - 1e-3).all()
+    assert (score > greedy_score + 1e-2).any()  # some image finds a better code
+    # At the end no single position can be raised by any of the codes tried there (the encoder's top 4 given the
+    # greedy prefix): the search stopped at a local optimum, not after a fixed amount of work.
+    with torch.no_grad():
+        tried = model.code_logits(model.encode_patches(x), greedy[:, None])[:, 0].topk(4, dim=-1).indices
+        for position in range(greedy.shape[1]):
+            candidates = found[:, None].repeat(1, 4, 1)
+            candidates[:, :, position] = tried[:, position]
+            assert (model.reconstruction_log_likelihood(x, candidates) <= score[:, None] + 1e-3).all(), position
+    # One sweep is the first pass of the same deterministic path: between greedy and the converged search.
+    one = model.reconstruction_log_likelihood(x, model.encode(x, search="local", num_candidates=4, num_sweeps=1).codes)
+    assert (one >= greedy_score - 1e-3).all() and (one <= score + 1e-3).all()
+
+
 def test_best_of_n_rejects_bad_arguments():
     model = make_model("tiny")
     x = random_images(model.config, 1)
@@ -445,6 +486,10 @@ def test_best_of_n_rejects_bad_arguments():
         model.encode(x, search="best-of-n", num_candidates=0)
     with pytest.raises(ValueError, match="num_samples"):
         model.encode(x, search="best-of-n", num_samples=2)
+    with pytest.raises(ValueError, match="num_sweeps"):
+        model.encode(x, search="local", num_sweeps=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        model.encode(x, search="local", num_samples=2)
 
 
 @pytest.mark.parametrize("encoder_type", ["autoregressive", "parallel"])

@@ -810,7 +810,7 @@ class DapsModel(DapsPreTrainedModel):
 
     def encode(self, pixel_values: torch.Tensor, num_samples: int | None = None, temperature: float = 1.0,
                generator: torch.Generator | None = None, search: str | None = None,
-               num_candidates: int = 16) -> DapsEncoderOutput:
+               num_candidates: int = 16, num_sweeps: int = 2) -> DapsEncoderOutput:
         """Images → codes.
 
         Args:
@@ -823,7 +823,14 @@ class DapsModel(DapsPreTrainedModel):
                 the greedy code, decodes them all and keeps the one whose reconstruction log-likelihood
                 log p(x | z) is highest: codes `(B, L)`, never worse than greedy by that measure. A categorical
                 encoder allows this; a deterministic quantiser has one candidate. Costs `num_candidates + 1` decodes.
-            num_candidates (`int`): sampled candidates for "best-of-n".
+                "local" starts from the greedy code and improves it one token at a time (coordinate ascent on
+                log p(x | z)): for each position in turn, the `num_candidates` codes the encoder ranks highest there
+                are tried with every other token held, and the best is kept if it raises log p(x | z); repeated for
+                up to `num_sweeps` passes over the L positions (stopping early when a pass changes nothing).
+                Deterministic, never worse than greedy by that measure; costs up to
+                `num_sweeps · L · num_candidates` decodes per image. Both return codes `(B, L)`.
+            num_candidates (`int`): sampled candidates for "best-of-n"; codes tried per position for "local".
+            num_sweeps (`int`): passes over the positions for "local".
 
         Returns:
             [`DapsEncoderOutput`] with `codes` (LongTensor) and `log_prob` (log q(codes | x) at temperature 1, nats).
@@ -834,18 +841,24 @@ class DapsModel(DapsPreTrainedModel):
         if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
         if search is not None:
-            if search != "best-of-n":
-                raise ValueError(f"search must be None or 'best-of-n', got {search!r}.")
+            if search not in ("best-of-n", "local"):
+                raise ValueError(f"search must be None, 'best-of-n' or 'local', got {search!r}.")
             if num_samples is not None:
-                raise ValueError("search='best-of-n' returns one code per image: leave num_samples unset.")
+                raise ValueError(f"search={search!r} returns one code per image: leave num_samples unset.")
             if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
                 raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}.")
+            if search == "local" and (isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int)
+                                      or num_sweeps < 1):
+                raise ValueError(f"num_sweeps must be an integer >= 1, got {num_sweeps!r}.")
         with torch.no_grad():
             memory = self.encode_patches(pixel_values)
             codes, log_prob = self._sample_from_memory(memory, num_samples, float(temperature), generator)
             if search == "best-of-n":
                 return self._best_of_n(pixel_values, memory, codes, log_prob, num_candidates, float(temperature),
                                        generator)
+            if search == "local":
+                return self._local_search(pixel_values, memory, codes[:, 0], log_prob[:, 0], num_candidates,
+                                          num_sweeps)
         if num_samples is None:
             codes, log_prob = codes[:, 0], log_prob[:, 0]
         return DapsEncoderOutput(codes=codes, log_prob=log_prob)
@@ -861,6 +874,40 @@ class DapsModel(DapsPreTrainedModel):
         best = scores.argmax(dim=1)  # ties go to the first, the greedy code
         rows = torch.arange(candidates.shape[0], device=best.device)
         return DapsEncoderOutput(codes=candidates[rows, best], log_prob=candidate_log_prob[rows, best])
+
+    def _local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps):
+        """Coordinate ascent on log p(x | z) from `codes` (B, L): see `encode(search="local")`."""
+        if self.config.quantizer != "categorical":
+            return DapsEncoderOutput(codes=codes, log_prob=log_prob)
+        b, length = codes.shape
+        num_candidates = min(num_candidates, self.config.codebook_size)
+        # The codes tried at each position: the encoder's top candidates there, given the starting code's prefix.
+        tried = self.code_logits(memory, codes[:, None])[:, 0].topk(num_candidates, dim=-1).indices   # (B, L, N)
+        codes = codes.clone()
+        best, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None])                   # (B, 1)
+        best = best[:, 0]
+        rows = torch.arange(b, device=codes.device)
+        for _ in range(num_sweeps):
+            changed = False
+            for position in range(length):
+                options = tried[:, position]                                                        # (B, N)
+                # A candidate equal to the current code is skipped: it cannot raise log p(x | z).
+                fresh = options != codes[:, position:position + 1]
+                if not bool(fresh.any()):
+                    continue
+                candidates = codes[:, None].repeat(1, num_candidates, 1)
+                candidates[:, :, position] = options
+                scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates)            # (B, N)
+                scores = scores.masked_fill(~fresh, float("-inf"))
+                top_score, choice = scores.max(dim=1)
+                better = top_score > best
+                if bool(better.any()):
+                    codes[better, position] = options[rows, choice][better]
+                    best = torch.where(better, top_score, best)
+                    changed = True
+            if not changed:
+                break
+        return DapsEncoderOutput(codes=codes, log_prob=self._log_prob_from_memory(memory, codes[:, None])[:, 0])
 
     def log_prob(self, pixel_values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log q(codes | x) in nats: codes (B, L) → (B,), or (B, K, L) → (B, K). Differentiable."""
