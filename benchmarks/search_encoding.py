@@ -4,7 +4,7 @@
     python benchmarks/search_encoding.py RUN --images 256 --local 4:1 4:2 8:2 --best-of 16
 
 For each folder, on the first `--images` test images of the dataset the run was trained on (`train_args.json`), in
-one thread: greedy codes; best-of-n (`encode(search="best-of-n")`); and local search (`encode(search="local")`,
+one thread: greedy codes; optionally one sample at given temperatures; best-of-n (`encode(search="best-of-n")`); and local search (`encode(search="local")`,
 `num_candidates:num_sweeps` per `--local` entry). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
 (nats), the rate −log q(z | x) of the chosen code (nats per image; greedy codes are what an entropy coder driven by
 the encoder would pay), the share of tokens that differ from greedy, and CPU seconds per image. A deterministic
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, nargs="*", default=[16], help="best-of-n candidates (default 16)")
     parser.add_argument("--local", type=parse_local, nargs="*", default=[(4, 1), (4, 2)],
                         help="local search settings CANDIDATES:SWEEPS (default 4:1 4:2)")
+    parser.add_argument("--sample-temperatures", type=float, nargs="*", default=[],
+                        help="also one sampled code per image at each of these temperatures (no search)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dataset", default=None, help="default: the run's train_args.json dataset")
     parser.add_argument("--output", default=None, help="also write the markdown table here")
@@ -91,6 +93,10 @@ def main() -> None:
             for n in args.best_of:
                 encodings[f"best-of-{n}"] = (lambda n: lambda x: model.encode(
                     x, search="best-of-n", num_candidates=n, generator=torch.Generator().manual_seed(0)))(n)
+            for tau in args.sample_temperatures:
+                encodings[f"1 sample at temperature {tau:g}"] = (lambda tau: lambda x: type(
+                    "Codes", (), {"codes": model.encode(x, num_samples=1, temperature=tau,
+                                                       generator=torch.Generator().manual_seed(0)).codes[:, 0]}))(tau)
             for n, sweeps in args.local:
                 encodings[f"local {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
                     x, search="local", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
