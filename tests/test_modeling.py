@@ -419,12 +419,17 @@ def test_best_of_n_shapes_and_determinism():
     torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
 
 
-def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
+def _perturbed_mnist_model():
     torch.manual_seed(0)
     model = make_model("mnist")
     with torch.no_grad():  # a decoder that depends on its codes, so candidates differ
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
+    model = _perturbed_mnist_model()
     x = random_images(model.config, 6)
     greedy = model.encode(x)
     best = model.encode(x, search="best-of-n", num_candidates=12, generator=torch.Generator().manual_seed(0))
@@ -434,15 +439,6 @@ def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
     assert (best_score > greedy_score + 1e-3).any()  # with 12 candidates, some image finds a better code
     candidates = model.encode(x, num_samples=12, generator=torch.Generator().manual_seed(0)).codes
     assert (best_score >= model.reconstruction_log_likelihood(x, candidates).max(1).values - 1e-4).all()
-
-
-def _perturbed_mnist_model():
-    torch.manual_seed(0)
-    model = make_model("mnist")
-    with torch.no_grad():  # a decoder that depends on its codes, so candidates differ
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model
 
 
 def test_local_search_shapes_determinism_and_log_prob():
