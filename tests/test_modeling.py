@@ -540,6 +540,52 @@ def test_attention_fast_paths_match_scaled_dot_product_attention(causal, queries
     torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_attention_reads_a_strided_cache_like_a_contiguous_one(dtype):
+    """A cached step attends to the filled part of a preallocated cache (a strided view): `cached=True` (which
+    sends bf16 on CPU to PyTorch's kernel) gives what the plain path gives on a contiguous copy."""
+    from tokenizer.modeling_daps import attend
+
+    generator = torch.Generator().manual_seed(0)
+    cache_k, cache_v = (torch.randn(6, 4, 64, 16, generator=generator).to(dtype) for _ in range(2))
+    q = torch.randn(6, 4, 1, 16, generator=generator).to(dtype)
+    k, v = cache_k[:, :, :37], cache_v[:, :, :37]
+    assert not k.is_contiguous()
+    reference = attend(q.double(), k.double().contiguous(), v.double().contiguous())
+    got = attend(q, k, v, cached=True)
+    assert got.dtype == dtype and got.shape == (6, 4, 1, 16)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), reference, atol=tolerance, rtol=tolerance)
+
+
+def test_bf16_cached_sampling_matches_the_plain_attention_path(monkeypatch):
+    """The bf16 sampling loop with the cached fast path (PyTorch's kernel on the strided cache) gives the same codes
+    and log q as with the plain matmul path for every step, greedy and sampled from one seed."""
+    import tokenizer.modeling_daps as modeling
+
+    torch.manual_seed(0)
+    # A large head init makes q depend strongly on the hidden states, so a wrong read of the cache shows.
+    config = DapsConfig.from_preset("tiny", num_tokens=16, pixel_paths=True, aligned_patches=True,
+                                    head_initializer_range=3.0)
+    model = DapsModel(config).eval()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            memory = model.encode_patches(x)
+            greedy = model._sample_from_memory(memory, None, 1.0, None)
+            sampled = model._sample_from_memory(memory, 5, 1.0, torch.Generator().manual_seed(0))
+        return greedy, sampled
+
+    fast = run()
+    plain_attend = modeling.attend
+    monkeypatch.setattr(modeling, "attend", lambda q, k, v, causal=False, cached=False: plain_attend(q, k, v, causal))
+    plain = run()
+    for (fast_codes, fast_log_q), (plain_codes, plain_log_q) in zip(fast, plain):
+        assert torch.equal(fast_codes, plain_codes)
+        torch.testing.assert_close(fast_log_q, plain_log_q, atol=0.25, rtol=0.05)  # bf16 rounding
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_repeated_codes_are_decoded_once_with_the_same_values_and_gradients(per_token):
     torch.manual_seed(0)
