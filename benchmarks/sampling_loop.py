@@ -1,18 +1,21 @@
-"""The cached sampling loop's attention paths, measured A/B in one process.
+"""The cached sampling loop of this tree against an earlier revision's, measured A/B in one process.
 
-A DAPS step samples K codes per image with a 64-step cached loop (`DapsModel._sample_from_memory`); each step's
-self-attention reads the filled part of a preallocated key/value cache, a strided view. `attend(..., cached=True)`
-sends that read to `scaled_dot_product_attention` for bf16 on CPU, because bf16 matrix products there copy strided
-views first; the plain path (matmul–softmax–matmul) is what every step used before. This script swaps the plain path
-back in (`tokenizer.modeling_daps.attend` with `cached` ignored) and times, interleaved round by round, with the
-trainer's own model and method (`speed.TrainingStep`, DAPS K = 6 keeping 2 on the chosen preset):
+A DAPS step samples K codes per image with a 64-step cached loop (`DapsModel._sample_from_memory`). This script
+loads `tokenizer/modeling_daps.py` as it was at `--against` (a git revision; default 60468d4, before the tenth
+session's changes), swaps that revision's loop and attention function in, and times, interleaved round by round,
+with the trainer's own model and method (`speed.TrainingStep`, DAPS K = 6 keeping 2 on the chosen preset):
 
 - the K-sample loop of one batch (no gradient), fp32 and bf16;
 - greedy encoding of an inference batch, fp32 and bf16;
-- one whole training step (forward, backward, AdamW), bf16 (and fp32 as a control: its path did not change).
+- one whole training step (forward, backward, AdamW), bf16 and fp32.
 
-It also checks that both paths give the same greedy codes on the batch. Per-round ratios (plain / cached) are
-paired, so machine noise hits both arms alike; the table gives their medians.
+What changed since 60468d4: each cached self-attention step reads the filled part of a preallocated key/value cache,
+a strided view, and bf16 matrix products on CPU copy such views first, so `attend(..., cached=True)` sends bf16 CPU
+steps to `scaled_dot_product_attention`; and the Gumbel noise is formed in place in one buffer, with the division
+by τ = 1 and the proposal's second log-softmax (equal to log q at τ = 1 without exploration) skipped. The loop's
+outputs are bitwise identical to the revision's in fp32 (tested), and the script checks the greedy codes of both.
+Per-round ratios (revision / this tree) are paired, so machine noise hits both arms alike; the table gives their
+medians.
 
     python benchmarks/sampling_loop.py                      # cifar, ~3 min on one core
     python benchmarks/sampling_loop.py --rounds 7 --output benchmarks/results/sampling-loop-amx.md
@@ -24,8 +27,11 @@ import argparse
 import datetime
 import os
 import platform
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,26 +43,39 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import tokenizer.modeling_daps as modeling  # noqa: E402
 from speed import TrainingStep, autocast_context, command_line, cpu_model, interleaved_medians, make_images  # noqa: E402
 
-FAST_ATTEND = modeling.attend
+FAST_ATTEND, FAST_SAMPLE = modeling.attend, modeling.DapsModel._sample_from_memory
 
 
-def plain_attend(query, keys, values, causal=False, cached=False):
-    """The path every cached step took before: `cached` ignored."""
-    return FAST_ATTEND(query, keys, values, causal)
+def load_revision(revision: str):
+    """`tokenizer/modeling_daps.py` at `revision`, imported as a module of the tokenizer package."""
+    source = subprocess.run(["git", "show", f"{revision}:tokenizer/modeling_daps.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "modeling_daps_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("tokenizer._modeling_daps_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "tokenizer"
+    spec.loader.exec_module(module)
+    return module
 
 
-def with_attend(function, attend):
+def revision_arm(function, old):
+    """Run `function` with the revision's sampling loop and attention (its `attend` has no `cached`)."""
+    def old_attend(query, keys, values, causal=False, cached=False):
+        return old.attend(query, keys, values, causal)
+
     def run():
-        modeling.attend = attend
+        modeling.attend, modeling.DapsModel._sample_from_memory = old_attend, old.DapsModel._sample_from_memory
         try:
             return function()
         finally:
-            modeling.attend = FAST_ATTEND
+            modeling.attend, modeling.DapsModel._sample_from_memory = FAST_ATTEND, FAST_SAMPLE
     return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", default="60468d4", help="git revision to compare with (default 60468d4)")
     parser.add_argument("--preset", default="cifar", choices=["mnist", "cifar"])
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (the loop samples K per image)")
     parser.add_argument("--encode-batch-size", type=int, default=256, help="greedy encoding batch")
@@ -66,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
+    old = load_revision(args.against)
 
     step = TrainingStep(args.preset, "daps", 6, "cpu", update_samples=2)
     model, generator = step.model, torch.Generator().manual_seed(0)
@@ -95,27 +115,28 @@ def main() -> None:
 
     same_codes = {}
     for dtype in ("fp32", "bf16"):
-        fast, plain = greedy(dtype)(), with_attend(greedy(dtype), plain_attend)()
+        fast, plain = greedy(dtype)(), revision_arm(greedy(dtype), old)()
         same_codes[dtype] = (fast == plain).float().mean().item()
 
     rows = []
     for name, function in tasks.items():
-        variants = {"plain": with_attend(function, plain_attend), "cached": function}
+        variants = {"plain": revision_arm(function, old), "cached": function}
         medians, rounds, samples = interleaved_medians(variants, args.rounds, args.budget_s / len(tasks))
         ratio = statistics.median(p / c for p, c in zip(samples["plain"], samples["cached"]))
         rows.append((name, medians["plain"], medians["cached"], ratio, rounds))
-        print(f"{name}: plain {medians['plain']:.3f} s, cached path {medians['cached']:.3f} s, {ratio:.2f}x", flush=True)
+        print(f"{name}: {args.against} {medians['plain']:.3f} s, this tree {medians['cached']:.3f} s, {ratio:.2f}x",
+              flush=True)
 
     lines = [
         f"`{command_line()}` — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, "
         f"torch {torch.__version__}, one thread, load average {load_before:.2f} → {os.getloadavg()[0]:.2f}",
         "",
-        "| work (" + args.preset + ") | plain path | cached path (new) | plain / cached (median of rounds) | rounds |",
+        f"| work ({args.preset}) | {args.against} | this tree | {args.against} / this tree (median of rounds) | rounds |",
         "|---|---:|---:|---:|---:|",
         *[f"| {n} | {p:.3f} s | {c:.3f} s | **{r:.2f}×** | {k} |" for n, p, c, r, k in rows],
         "",
-        "Greedy codes identical between the paths: " + ", ".join(f"{d} {v:.1%} of tokens" for d, v in same_codes.items())
-        + " (bf16 rounds differently in the two kernels).",
+        "Greedy codes identical between the two: " + ", ".join(f"{d} {v:.1%} of tokens" for d, v in same_codes.items())
+        + " (bf16 attention rounds differently in the two kernels).",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs.",
     ]
     report = "\n".join(lines) + "\n"

@@ -512,6 +512,34 @@ def test_exploration_proposal_log_prob_matches_teacher_forcing(encoder_type):
         model._sample_from_memory(memory, k, 1.0, None, exploration=1.0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_is_gumbel_max_on_the_teacher_forced_logits(temperature):
+    """The cached loop's samples, written out plainly: at each position one uniform draw (N, V) from the generator,
+    z_t = argmax(logits_t / τ − log(−log u)), with logits_t teacher-forced on the sampled prefix; log q and the
+    proposal's log-probability (q at temperature τ) summed over tokens. Pins the in-place noise and the τ = 1
+    shortcut (proposal = q) of the fast loop."""
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=8)).eval()
+    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
+    k = 4
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        codes, log_q, log_proposal = model._sample_from_memory(memory, k, temperature,
+                                                               torch.Generator().manual_seed(5), return_proposal=True)
+        logits = model.code_logits(memory, codes).reshape(3 * k, 8, -1)           # (N, L, V), teacher-forced
+    generator = torch.Generator().manual_seed(5)
+    flat = codes.reshape(3 * k, 8)
+    for position in range(8):
+        uniform = torch.rand(logits[:, position].shape, generator=generator).clamp(1e-20, 1 - 1e-7)
+        expected = (logits[:, position] / temperature - torch.log(-torch.log(uniform))).argmax(-1)
+        assert torch.equal(flat[:, position], expected)
+    chosen = flat[..., None]
+    torch.testing.assert_close(log_q.reshape(-1), torch.log_softmax(logits, -1).gather(-1, chosen)[..., 0].sum(-1),
+                               atol=1e-4, rtol=1e-4)
+    tempered = torch.log_softmax(logits / temperature, -1).gather(-1, chosen)[..., 0].sum(-1)
+    torch.testing.assert_close(log_proposal.reshape(-1), tempered, atol=1e-4, rtol=1e-4)
+
+
 def test_exploration_reaches_codes_the_encoder_would_not_sample():
     torch.manual_seed(0)
     model = DapsModel(DapsConfig.from_preset("tiny", head_initializer_range=3.0)).eval()  # a near-deterministic q

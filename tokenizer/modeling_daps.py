@@ -772,15 +772,19 @@ class DapsModel(DapsPreTrainedModel):
             # logits (..., V) in fp32. Gumbel-max at temperature τ samples softmax(logits / τ) exactly.
             if greedy:
                 return logits.argmax(-1)
-            uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-            gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1 - 1e-7)))
-            chosen = (logits / temperature + gumbel).argmax(-1)
+            # In place, one buffer: log(−log u) = −Gumbel noise (the same values as forming the noise and adding it).
+            noise = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+            noise.clamp_(min=1e-20, max=1 - 1e-7).log_().neg_().log_()
+            chosen = ((logits if temperature == 1.0 else logits / temperature) - noise).argmax(-1)
             if exploration > 0.0:
                 explore = torch.rand(chosen.shape, generator=generator, device=logits.device) < exploration
                 random_codes = torch.randint(0, logits.shape[-1], chosen.shape, generator=generator,
                                              device=logits.device)
                 chosen = torch.where(explore, random_codes, chosen)
             return chosen
+
+        # At τ = 1 without exploration the proposal is q itself: its log-probability is log q's, not recomputed.
+        proposal_is_q = temperature == 1.0 and exploration == 0.0
 
         def proposal_log_prob(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
             tempered = torch.log_softmax(logits / temperature, dim=-1).gather(-1, chosen[..., None]).squeeze(-1)
@@ -810,9 +814,10 @@ class DapsModel(DapsPreTrainedModel):
             logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
             previous = choose(logits)
             codes[:, position] = previous
-            log_prob += torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
+            token_log_prob = torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
+            log_prob += token_log_prob
             if return_proposal:
-                log_proposal += proposal_log_prob(logits, previous)
+                log_proposal += token_log_prob if proposal_is_q else proposal_log_prob(logits, previous)
         if return_proposal:
             return codes.view(b, k, length), log_prob.view(b, k), log_proposal.view(b, k)
         return codes.view(b, k, length), log_prob.view(b, k)
