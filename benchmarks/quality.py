@@ -8,7 +8,9 @@
 Each run is `daps train` in its own process with one torch thread (two side by side on a 2-core machine do not
 slow each other, DESIGN.md), stopped by `--max_time` (training time only: periodic evaluations are not charged).
 Final figures are on the held-out **test** split, which nothing is tuned on; the validation split gives the
-PSNR-against-time curves. Writes `benchmarks/results/<name>.json`, `<name>.md` and PNGs; RESULTS.md cites them.
+PSNR-against-time curves. Each run is evaluated in a child process as soon as it has trained, so evaluations overlap
+the training of the runs still going; `--reuse` evaluates finished run folders again without training them (after
+an interrupted evaluation). Writes `benchmarks/results/<name>.json`, `<name>.md` and PNGs; RESULTS.md cites them.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ ABLATION = {
 }
 
 
+def run_folder(out: Path, name: str, seed: int) -> Path:
+    return out / name.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(":", "") \
+        .replace(",", "").replace("→", "-").replace("*", "star").replace("=", "-") / f"seed{seed}"
+
+
 def run_one(name: str, dataset: str, preset: str, extra: list[str], budget: float, seed: int, out: Path,
             eval_every: int, threads: int) -> Path:
-    folder = out / name.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(":", "") \
-        .replace(",", "").replace("→", "-").replace("*", "star").replace("=", "-") / f"seed{seed}"
+    folder = run_folder(out, name, seed)
     command = [sys.executable, "-m", "training", "train", "--dataset", dataset, "--preset", preset,
                "--max_time", str(budget), "--time_clock", "process", "--max_steps", "10000000", "--output_dir", str(folder),
                "--eval_every", str(eval_every), "--eval_images", "500", "--save_every", "0", "--progress", "false",
@@ -104,6 +110,26 @@ def test_metrics(folder: Path, dataset: str, num_candidates: int, fid_images: in
     return metrics
 
 
+def evaluate_in_child(folder: Path, dataset: str, num_candidates: int, fid_images: int, threads: int) -> dict:
+    """`test_metrics` in a child process with `threads` torch threads (so a finished run's evaluation overlaps the
+    other runs' training); the child writes `test_metrics.json` into the run folder, which this returns."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--evaluate", str(folder), "--dataset", dataset,
+               "--num-candidates", str(num_candidates), "--fid-images", str(fid_images), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with open(folder.parent / f"{folder.name}-evaluation.log", "w") as log:
+        subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return json.loads((folder / "test_metrics.json").read_text())["metrics"]
+
+
+def train_and_evaluate(job_name: str, seed: int, args, dataset: str, preset: str, extra: list[str], out: Path,
+                       eval_every: int) -> tuple[Path, dict]:
+    """One job: train (unless --reuse finds the run finished), then its held-out evaluation in a child process."""
+    folder = run_folder(out, job_name, seed)
+    if not (args.reuse and (folder / "metrics.json").exists()):
+        folder = run_one(job_name, dataset, preset, extra, args.budget, seed, out, eval_every, args.threads)
+    return folder, evaluate_in_child(folder, dataset, args.num_candidates, args.fid_images, args.threads)
+
+
 def curve(folder: Path) -> list[tuple[float, float]]:
     rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return [(row["time"], row["eval/psnr"]) for row in rows if "eval/psnr" in row]
@@ -144,7 +170,21 @@ def main() -> None:
                         help="Also report FID of greedy reconstructions on this many test images (needs the fid extra).")
     parser.add_argument("--quick", action="store_true", help="60 s per run, mnist, four methods: a smoke check.")
     parser.add_argument("--name", default=None, help="Results name (default: setting[-ablation]-budget).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Skip training for runs whose folder holds a finished run (metrics.json), e.g. when an "
+                             "earlier invocation was interrupted during its evaluation; evaluate them again.")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="FOLDER",
+                        help="Internal: evaluate one trained folder on the test split and write test_metrics.json.")
+    parser.add_argument("--dataset", default=None, help="With --evaluate: the dataset the folder was trained on.")
     args = parser.parse_args()
+    if args.evaluate is not None:
+        torch.set_num_threads(args.threads)
+        metrics = test_metrics(args.evaluate, args.dataset, args.num_candidates, args.fid_images)
+        payload = {"num_candidates": args.num_candidates, "fid_images": args.fid_images, "metrics": metrics}
+        temporary = args.evaluate / "test_metrics.json.tmp"
+        temporary.write_text(json.dumps(payload, indent=1))
+        temporary.replace(args.evaluate / "test_metrics.json")
+        return
     if args.quick:
         args.budget, args.setting = 60, "mnist"
         args.methods = args.methods or ["daps", "fsq", "vq", "gumbel-na"]
@@ -174,16 +214,16 @@ def main() -> None:
     jobs = [(run, seed) for run in runs for seed in args.seeds]
     print(f"{len(jobs)} runs of {args.budget:.0f} s, {args.parallel} at a time, {args.threads} thread(s) each")
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {job: pool.submit(run_one, job[0], dataset, preset, runs[job[0]], args.budget, job[1], out,
-                                    eval_every, args.threads) for job in jobs}
-        folders = {job: future.result() for job, future in futures.items()}
+        futures = {job: pool.submit(train_and_evaluate, job[0], job[1], args, dataset, preset, runs[job[0]], out,
+                                    eval_every) for job in jobs}
+        finished = {job: future.result() for job, future in futures.items()}
+    folders = {job: folder for job, (folder, _) in finished.items()}
 
     table = {}
     for run in runs:
         per_seed = []
         for seed in args.seeds:
-            folder = folders[(run, seed)]
-            metrics = test_metrics(folder, dataset, args.num_candidates, args.fid_images)
+            folder, metrics = finished[(run, seed)]
             train_metrics = json.loads((folder / "metrics.json").read_text())
             per_seed.append({**metrics, "steps": train_metrics["steps"], "validation_psnr": train_metrics["psnr"],
                              "train_seconds": train_metrics["training_seconds"], "curve": curve(folder)})
