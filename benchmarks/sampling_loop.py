@@ -50,12 +50,13 @@ def load_revision(revision: str):
     """`tokenizer/modeling_daps.py` at `revision`, imported as a module of the tokenizer package."""
     source = subprocess.run(["git", "show", f"{revision}:tokenizer/modeling_daps.py"], cwd=REPO, check=True,
                             capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "modeling_daps_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("tokenizer._modeling_daps_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "tokenizer"
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as folder:   # the module lives in memory once executed
+        path = Path(folder) / "modeling_daps_revision.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("tokenizer._modeling_daps_revision", path)
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "tokenizer"
+        spec.loader.exec_module(module)
     return module
 
 
