@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--dataset", default=None, help="With --evaluate: the dataset the folder was trained on.")
     args = parser.parse_args()
     if args.evaluate is not None:
+        if args.dataset is None or not (args.evaluate / "config.json").exists():
+            parser.error("--evaluate FOLDER needs --dataset and a trained tokenizer folder (with config.json).")
         torch.set_num_threads(args.threads)
         metrics = test_metrics(args.evaluate, args.dataset, args.num_candidates, args.fid_images)
         payload = {"num_candidates": args.num_candidates, "fid_images": args.fid_images, "metrics": metrics}
