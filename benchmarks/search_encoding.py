@@ -1,11 +1,12 @@
 """Search encoding against greedy: quality, rate and time on the held-out test split, for trained tokenizer folders.
 
     python benchmarks/search_encoding.py benchmarks/runs/cifar-amx-600s/daps/seed0 benchmarks/runs/cifar-amx-600s/fsq/seed0
-    python benchmarks/search_encoding.py RUN --images 256 --local 4:1 4:2 8:2 --best-of 16
+    python benchmarks/search_encoding.py RUN --images 256 --local 4:1 4:2 8:2 --best-of 16 --parallel 4:1 4:2 4:4
 
 For each folder, on the first `--images` test images of the dataset the run was trained on (`train_args.json`), in
 one thread: greedy codes; optionally one sample at given temperatures; best-of-n (`encode(search="best-of-n")`); and local search (`encode(search="local")`,
-`num_candidates:num_sweeps` per `--local` entry). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
+`num_candidates:num_sweeps` per `--local` entry); and parallel local search (`encode(search="parallel")`, the same
+setting format per `--parallel` entry; conv decoder only). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
 (nats), the rate −log q(z | x) of the chosen code (nats per image; greedy codes are what an entropy coder driven by
 the encoder would pay), the share of tokens that differ from greedy, and CPU seconds per image. A deterministic
 quantiser (FSQ, VQ) has one candidate, so its search rows equal greedy and are left out.
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, nargs="*", default=[16], help="best-of-n candidates (default 16)")
     parser.add_argument("--local", type=parse_local, nargs="*", default=[(4, 1), (4, 2)],
                         help="local search settings CANDIDATES:SWEEPS (default 4:1 4:2)")
+    parser.add_argument("--parallel", type=parse_local, nargs="*", default=[],
+                        help="parallel local search settings CANDIDATES:SWEEPS (default none)")
     parser.add_argument("--sample-temperatures", type=float, nargs="*", default=[],
                         help="also one sampled code per image at each of these temperatures (no search)")
     parser.add_argument("--batch", type=int, default=64)
@@ -100,6 +103,9 @@ def main() -> None:
             for n, sweeps in args.local:
                 encodings[f"local {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
                     x, search="local", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
+            for n, sweeps in args.parallel:
+                encodings[f"parallel {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
+                    x, search="parallel", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
         greedy_codes = None
         for name, encode in encodings.items():
             result = measure(model, images, encode, args.batch)

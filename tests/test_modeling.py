@@ -473,6 +473,69 @@ def test_local_search_is_never_worse_than_greedy_and_ends_at_a_local_optimum():
     assert (one >= greedy_score - 1e-3).all() and (one <= score + 1e-3).all()
 
 
+def _perturbed_grid_model():
+    """A small conv-decoder model whose codes lie on a 4 × 4 grid (so the 3 × 3 colouring has several colours with
+    more than one position), with weights enlarged so that its codes and reconstructions depend on the image."""
+    torch.manual_seed(0)
+    model = make_model("tiny", num_tokens=16, codebook_size=16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def test_parallel_search_shapes_determinism_log_prob_and_never_worse_than_greedy():
+    model = _perturbed_grid_model()
+    x = random_images(model.config, 6)
+    a = model.encode(x, search="parallel", num_candidates=4, num_sweeps=3)
+    b = model.encode(x, search="parallel", num_candidates=4, num_sweeps=3)
+    assert a.codes.shape == (6, 16) and a.codes.dtype == torch.long and a.log_prob.shape == (6,)
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
+    greedy_score = model.reconstruction_log_likelihood(x, model.encode(x).codes)
+    score = model.reconstruction_log_likelihood(x, a.codes)
+    assert (score >= greedy_score - 1e-3).all()
+    assert (score > greedy_score + 1e-2).any()  # some image finds a better code
+    # The moves are several positions at a time: some image changed more than one token.
+    assert ((a.codes != model.encode(x).codes).sum(1) > 1).any()
+    # Every position in one colour, each judged on its own cell only: most combined moves lower log p(x | z), and
+    # only the check of the whole image's log-likelihood keeps the search from taking them.
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        greedy, log_prob = model._sample_from_memory(memory, None, 1.0, None)
+        coarse = model._parallel_local_search(x, memory, greedy[:, 0], log_prob[:, 0], 4, 3, stride=1, window=1)
+    assert (model.reconstruction_log_likelihood(x, coarse.codes) >= greedy_score - 1e-3).all()
+
+
+def test_parallel_search_with_one_position_per_colour_and_a_whole_grid_window_is_local_search():
+    """With a colouring stride as large as the grid, every colour is one position, met in raster order, and a window
+    covering the grid credits a position with the whole image's log p(x | z): the parallel search is then exactly the
+    sequential one (same candidates, same acceptance), so the two must return the same codes."""
+    model = _perturbed_grid_model()
+    x = random_images(model.config, 5, seed=3)
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        greedy, log_prob = model._sample_from_memory(memory, None, 1.0, None)
+        sequential = model._local_search(x, memory, greedy[:, 0], log_prob[:, 0], 3, 2).codes
+        parallel = model._parallel_local_search(x, memory, greedy[:, 0], log_prob[:, 0], 3, 2, stride=4,
+                                                window=9).codes
+    assert not torch.equal(sequential, greedy[:, 0])  # the comparison is not between two unchanged greedy codes
+    assert torch.equal(parallel, sequential)
+
+
+def test_parallel_search_needs_the_conv_decoder_and_checks_its_arguments():
+    model = make_model("mnist")  # MLP decoder: no grid of token cells
+    x = random_images(model.config, 1)
+    with pytest.raises(ValueError, match="conv decoder"):
+        model.encode(x, search="parallel")
+    tiny = make_model("tiny")
+    y = random_images(tiny.config, 1)
+    with pytest.raises(ValueError, match="num_sweeps"):
+        tiny.encode(y, search="parallel", num_sweeps=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        tiny.encode(y, search="parallel", num_samples=2)
+
+
 def test_best_of_n_rejects_bad_arguments():
     model = make_model("tiny")
     x = random_images(model.config, 1)

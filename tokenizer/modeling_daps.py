@@ -83,6 +83,10 @@ class DapsModelOutput(ModelOutput):
     reconstruction: torch.FloatTensor | None = None
 
 
+# The encoder's search modes (`DapsModel.encode(search=...)`).
+SEARCH_METHODS = ("best-of-n", "local", "parallel")
+
+
 # ----------------------------------------------------------------------------------------------- building blocks
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Probabilities and likelihoods are computed in fp32 (or fp64 for an fp64 model), never in bf16/fp16."""
@@ -842,9 +846,19 @@ class DapsModel(DapsPreTrainedModel):
                 are tried with every other token held, and the best is kept if it raises log p(x | z); repeated for
                 up to `num_sweeps` passes over the L positions (stopping early when a pass changes nothing).
                 Deterministic, never worse than greedy by that measure; costs up to
-                `num_sweeps · L · num_candidates` decodes per image. Both return codes `(B, L)`.
-            num_candidates (`int`): sampled candidates for "best-of-n"; codes tried per position for "local".
-            num_sweeps (`int`): passes over the positions for "local".
+                `num_sweeps · L · num_candidates` decodes per image.
+                "parallel" is the same coordinate ascent with many positions moved per decode (conv decoder only):
+                the code grid is coloured by (row mod 3, column mod 3), and for each of the 9 colours in turn the
+                `num_candidates` top codes are tried at every position of that colour at once (one decode per
+                candidate rank); each position keeps the code that most raises the log-likelihood of the 3 × 3 grid
+                cells around it, and the combined move is decoded again and kept only if the image's log p(x | z)
+                rises. Deterministic, never worse than greedy; costs up to `num_sweeps · 9 · (num_candidates + 1)`
+                decodes per image (45 per sweep at 4 candidates, against 256 for "local" on 64 tokens), and on
+                natural images finds codes as good as "local" at a fraction of its time (benchmarks/RESULTS.md).
+                Every search returns codes `(B, L)`.
+            num_candidates (`int`): sampled candidates for "best-of-n"; codes tried per position for "local" and
+                "parallel".
+            num_sweeps (`int`): passes over the positions for "local" and "parallel".
 
         Returns:
             [`DapsEncoderOutput`] with `codes` (LongTensor) and `log_prob` (log q(codes | x) at temperature 1, nats).
@@ -855,13 +869,14 @@ class DapsModel(DapsPreTrainedModel):
         if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
         if search is not None:
-            if search not in ("best-of-n", "local"):
-                raise ValueError(f"search must be None, 'best-of-n' or 'local', got {search!r}.")
+            if search not in SEARCH_METHODS:
+                raise ValueError(f"search must be None or one of {', '.join(map(repr, SEARCH_METHODS))}, got "
+                                 f"{search!r}.")
             if num_samples is not None:
                 raise ValueError(f"search={search!r} returns one code per image: leave num_samples unset.")
             if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
                 raise ValueError(f"num_candidates must be an integer >= 1, got {num_candidates!r}.")
-            if search == "local" and (isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int)
+            if search in ("local", "parallel") and (isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int)
                                       or num_sweeps < 1):
                 raise ValueError(f"num_sweeps must be an integer >= 1, got {num_sweeps!r}.")
         with torch.no_grad():
@@ -873,6 +888,9 @@ class DapsModel(DapsPreTrainedModel):
             if search == "local":
                 return self._local_search(pixel_values, memory, codes[:, 0], log_prob[:, 0], num_candidates,
                                           num_sweeps)
+            if search == "parallel":
+                return self._parallel_local_search(pixel_values, memory, codes[:, 0], log_prob[:, 0],
+                                                   num_candidates, num_sweeps)
         if num_samples is None:
             codes, log_prob = codes[:, 0], log_prob[:, 0]
         return DapsEncoderOutput(codes=codes, log_prob=log_prob)
@@ -918,6 +936,56 @@ class DapsModel(DapsPreTrainedModel):
                 if bool(better.any()):
                     codes[better, position] = options[rows, choice][better]
                     best = torch.where(better, top_score, best)
+                    changed = True
+            if not changed:
+                break
+        return DapsEncoderOutput(codes=codes, log_prob=self._log_prob_from_memory(memory, codes[:, None])[:, 0])
+
+    def _parallel_local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps,
+                               stride: int = 3, window: int = 3):
+        """Coordinate ascent on log p(x | z) from `codes` (B, L), many positions per decode: see
+        `encode(search="parallel")`. Positions of one colour of the (row mod `stride`, column mod `stride`) grid
+        colouring are tried together; a position's choice is judged on the log-likelihood of the `window` ×
+        `window` grid cells centred on it (`token_log_likelihood`), which with `window` ≤ `stride` no other
+        position of its colour is judged on."""
+        if self.config.quantizer != "categorical":
+            return DapsEncoderOutput(codes=codes, log_prob=log_prob)
+        rows, columns = self.check_token_cells()
+        b, length = codes.shape
+        num_candidates = min(num_candidates, self.config.codebook_size)
+        tried = self.code_logits(memory, codes[:, None])[:, 0].topk(num_candidates, dim=-1).indices   # (B, L, N)
+        tried = tried.permute(0, 2, 1)                                                                # (B, N, L)
+        position = torch.arange(length, device=codes.device)
+        colour = (position // columns % stride) * stride + position % columns % stride                  # (L,)
+
+        def credited(token_rewards: torch.Tensor) -> torch.Tensor:    # (B, K, L) → summed over the window
+            grid = token_rewards.float().reshape(-1, 1, rows, columns)
+            summed = F.avg_pool2d(grid, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
+            return summed.reshape(token_rewards.shape)
+
+        codes = codes.clone()
+        current, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None], per_token=True)  # (B, 1, L)
+        for _ in range(num_sweeps):
+            changed = False
+            for members in (colour == c for c in range(stride * stride)):
+                if not bool(members.any()):
+                    continue
+                fresh = (tried != codes[:, None]) & members                                            # (B, N, L)
+                if not bool(fresh.any()):
+                    continue
+                candidates = torch.where(members, tried, codes[:, None])                               # (B, N, L)
+                scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates, per_token=True)
+                scores = credited(scores).masked_fill(~fresh, float("-inf"))
+                top, choice = scores.max(dim=1)                                                         # (B, L)
+                move = members & (top > credited(current)[:, 0])
+                if not bool(move.any()):
+                    continue
+                proposal = torch.where(move, tried.gather(1, choice[:, None])[:, 0], codes)
+                proposed, _ = self._reconstruction_log_likelihood(pixel_values, proposal[:, None], per_token=True)
+                better = proposed.sum(-1)[:, 0] > current.sum(-1)[:, 0]                                 # (B,)
+                if bool(better.any()):
+                    codes = torch.where(better[:, None], proposal, codes)
+                    current = torch.where(better[:, None, None], proposed, current)
                     changed = True
             if not changed:
                 break
