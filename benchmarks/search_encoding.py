@@ -9,7 +9,8 @@ one thread: greedy codes; optionally one sample at given temperatures; best-of-n
 setting format per `--parallel` entry; conv decoder only). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
 (nats), the rate −log q(z | x) of the chosen code (nats per image; greedy codes are what an entropy coder driven by
 the encoder would pay), the share of tokens that differ from greedy, and CPU seconds per image. A deterministic
-quantiser (FSQ, VQ) has one candidate, so its search rows equal greedy and are left out.
+quantiser (FSQ, VQ) has no samples, so it has no best-of-n or sampled rows; its local and parallel searches try the
+lattice points or codebook vectors nearest its latent at each position.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ def main() -> None:
                 encodings[f"1 sample at temperature {tau:g}"] = (lambda tau: lambda x: type(
                     "Codes", (), {"codes": model.encode(x, num_samples=1, temperature=tau,
                                                        generator=torch.Generator().manual_seed(0)).codes[:, 0]}))(tau)
-            for n, sweeps in args.local:
-                encodings[f"local {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
-                    x, search="local", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
-            for n, sweeps in args.parallel:
-                encodings[f"parallel {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
-                    x, search="parallel", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
+        # FSQ and VQ codes are searched too: the codes tried are the lattice points or codebook vectors nearest the
+        # encoder's latent (`DapsModel._search_candidates`).
+        for n, sweeps in args.local:
+            encodings[f"local {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
+                x, search="local", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
+        for n, sweeps in args.parallel:
+            encodings[f"parallel {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
+                x, search="parallel", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
         greedy_codes = None
         for name, encode in encodings.items():
             result = measure(model, images, encode, args.batch)

@@ -523,6 +523,31 @@ def test_parallel_search_with_one_position_per_colour_and_a_whole_grid_window_is
     assert torch.equal(parallel, sequential)
 
 
+@pytest.mark.parametrize("quantizer", [dict(quantizer="fsq", fsq_levels=[4, 4]), dict(quantizer="vq")])
+@pytest.mark.parametrize("search", ["local", "parallel"])
+def test_quantizer_codes_can_be_searched_from_their_nearest_lattice_points(quantizer, search):
+    """FSQ and VQ have one code per image, but the codes near the latent can be tried too: the first code tried at a
+    position is the quantiser's own, and the search is never worse than it."""
+    torch.manual_seed(0)
+    model = make_model("tiny", encoder_type="parallel", num_tokens=16, codebook_size=16, **quantizer)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    x = random_images(model.config, 6)
+    greedy = model.encode(x).codes
+    with torch.no_grad():
+        tried = model._search_candidates(model.encode_patches(x), greedy, 4)
+    assert tried.shape == (6, 16, 4)
+    assert torch.equal(tried[..., 0], greedy)
+    found = model.encode(x, search=search, num_candidates=4, num_sweeps=2)
+    assert torch.equal(found.log_prob, torch.zeros(6))  # a quantiser has no distribution over codes
+    assert torch.equal(found.codes, model.encode(x, search=search, num_candidates=4, num_sweeps=2).codes)
+    score = model.reconstruction_log_likelihood(x, found.codes)
+    greedy_score = model.reconstruction_log_likelihood(x, greedy)
+    assert (score >= greedy_score - 1e-3).all()
+    assert (score > greedy_score + 1e-2).any()
+
+
 def test_parallel_search_needs_the_conv_decoder_and_checks_its_arguments():
     model = make_model("mnist")  # MLP decoder: no grid of token cells
     x = random_images(model.config, 1)

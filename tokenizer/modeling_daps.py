@@ -855,7 +855,8 @@ class DapsModel(DapsPreTrainedModel):
                 rises. Deterministic, never worse than greedy; costs up to `num_sweeps · 9 · (num_candidates + 1)`
                 decodes per image (45 per sweep at 4 candidates, against 256 for "local" on 64 tokens), and on
                 natural images finds codes as good as "local" at a fraction of its time (benchmarks/RESULTS.md).
-                Every search returns codes `(B, L)`.
+                Every search returns codes `(B, L)`. "local" and "parallel" also search FSQ and VQ codes: the codes
+                tried at a position are then the lattice points (codebook vectors) nearest the encoder's latent there.
             num_candidates (`int`): sampled candidates for "best-of-n"; codes tried per position for "local" and
                 "parallel".
             num_sweeps (`int`): passes over the positions for "local" and "parallel".
@@ -909,12 +910,9 @@ class DapsModel(DapsPreTrainedModel):
 
     def _local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps):
         """Coordinate ascent on log p(x | z) from `codes` (B, L): see `encode(search="local")`."""
-        if self.config.quantizer != "categorical":
-            return DapsEncoderOutput(codes=codes, log_prob=log_prob)
         b, length = codes.shape
-        num_candidates = min(num_candidates, self.config.codebook_size)
-        # The codes tried at each position: the encoder's top candidates there, given the starting code's prefix.
-        tried = self.code_logits(memory, codes[:, None])[:, 0].topk(num_candidates, dim=-1).indices   # (B, L, N)
+        tried = self._search_candidates(memory, codes, num_candidates)                                 # (B, L, N)
+        num_candidates = tried.shape[-1]
         codes = codes.clone()
         best, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None])                   # (B, 1)
         best = best[:, 0]
@@ -941,6 +939,29 @@ class DapsModel(DapsPreTrainedModel):
                 break
         return DapsEncoderOutput(codes=codes, log_prob=self._log_prob_from_memory(memory, codes[:, None])[:, 0])
 
+    def _search_candidates(self, memory: torch.Tensor, codes: torch.Tensor, num_candidates: int) -> torch.Tensor:
+        """The codes the local searches try at each position, (B, L, N), best first.
+
+        Categorical encoder: its N most probable codes there given the prefix of `codes` (B, L). FSQ and VQ: the N
+        lattice points (FSQ, in the bounded latent space the rounding works in) or codebook vectors (VQ) nearest the
+        encoder's latent at that position; the first is the quantiser's own code.
+        """
+        if self.config.quantizer == "categorical":
+            num_candidates = min(num_candidates, self.config.codebook_size)
+            return self.code_logits(memory, codes[:, None])[:, 0].topk(num_candidates, dim=-1).indices
+        latents = self.code_transformer.parallel(codes.shape[0], self.code_transformer.memory_keys_values(memory))
+        latents = latents.float()
+        if self.config.quantizer == "fsq":
+            quantizer = self.quantizer
+            size = int(quantizer.levels.prod())
+            points = (quantizer.codes_to_values(torch.arange(size, device=codes.device)) *
+                      (quantizer.levels // 2).float())                                     # lattice, (V, D)
+            latents = quantizer.bound(latents)
+        else:
+            points = self.quantizer.codebook.weight.float()
+        distances = (latents[..., None, :] - points).pow(2).sum(-1)                         # (B, L, V)
+        return distances.topk(min(num_candidates, points.shape[0]), dim=-1, largest=False).indices
+
     def _parallel_local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps,
                                stride: int = 3, window: int = 3):
         """Coordinate ascent on log p(x | z) from `codes` (B, L), many positions per decode: see
@@ -948,13 +969,9 @@ class DapsModel(DapsPreTrainedModel):
         colouring are tried together; a position's choice is judged on the log-likelihood of the `window` ×
         `window` grid cells centred on it (`token_log_likelihood`), which with `window` ≤ `stride` no other
         position of its colour is judged on."""
-        if self.config.quantizer != "categorical":
-            return DapsEncoderOutput(codes=codes, log_prob=log_prob)
         rows, columns = self.check_token_cells()
         b, length = codes.shape
-        num_candidates = min(num_candidates, self.config.codebook_size)
-        tried = self.code_logits(memory, codes[:, None])[:, 0].topk(num_candidates, dim=-1).indices   # (B, L, N)
-        tried = tried.permute(0, 2, 1)                                                                # (B, N, L)
+        tried = self._search_candidates(memory, codes, num_candidates).permute(0, 2, 1)               # (B, N, L)
         position = torch.arange(length, device=codes.device)
         colour = (position // columns % stride) * stride + position % columns % stride                  # (L,)
 
