@@ -91,6 +91,29 @@ def test_second_run_is_served_from_the_cache(model_and_processor, tmp_path):
     assert first["codes"] == second["codes"]
 
 
+def test_searched_codes_equal_model_encode_and_have_their_own_cache(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    dataset = make_dataset(8)
+    dataset.save_to_disk(tmp_path / "ds")
+    on_disk = datasets.load_from_disk(str(tmp_path / "ds"))
+    greedy = tokenize_dataset(on_disk, model, processor, batch_size=4)
+    searched = tokenize_dataset(on_disk, model, processor, batch_size=4, search="parallel", num_candidates=3,
+                                num_sweeps=2)
+    pixel_values = processor([row["image"] for row in dataset], return_tensors="pt").pixel_values
+    expected = model.encode(pixel_values, search="parallel", num_candidates=3, num_sweeps=2).codes.numpy()
+    np.testing.assert_array_equal(np.array(searched["codes"]), expected)
+    # Another search setting is another cache entry, never the greedy column served again.
+    assert searched.cache_files != greedy.cache_files
+    assert not np.array_equal(np.array(searched["codes"]), np.array(greedy["codes"]))
+    again = tokenize_dataset(on_disk, model, processor, batch_size=4, search="parallel", num_candidates=3,
+                             num_sweeps=2)
+    assert again.cache_files == searched.cache_files
+    with pytest.raises(ValueError, match="deterministic"):
+        tokenize_dataset(dataset, model, processor, search="best-of-n")
+    with pytest.raises(ValueError, match="num_sweeps"):
+        tokenize_dataset(dataset, model, processor, search="local", num_sweeps=0)
+
+
 def test_bad_arguments(model_and_processor):
     model, processor = model_and_processor
     dataset = make_dataset(2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer import DapsModel
+from tokenizer import DapsImageProcessor, DapsModel
 from training.arguments import TrainArguments
 from training.trainer import train
 
@@ -107,6 +107,15 @@ def test_eval_and_reconstruct_commands(digits_tokenizer, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "grid.png").exists()
+    result = subprocess.run([sys.executable, "-m", "training", "reconstruct", str(digits_tokenizer), str(image),
+                             "--output", str(tmp_path / "searched.png"), "--search", "local", "--num-candidates", "3"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = DapsModel.from_pretrained(digits_tokenizer)
+    processor = DapsImageProcessor.from_pretrained(digits_tokenizer)
+    pixel_values = processor([Image.open(image)], return_tensors="pt").pixel_values
+    expected = model.encode(pixel_values, search="local", num_candidates=3, num_sweeps=1).codes.tolist()
+    assert json.loads(result.stdout[result.stdout.index("{"):])["codes"] == expected
 
 
 def test_cli_reports_clear_errors(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import zlib
@@ -29,15 +30,18 @@ def code_dtype(codebook_size: int) -> str:
     return "int64"
 
 
-def _fingerprint(model, processor, image_column: str, codes_column: str, previous: str) -> str:
-    """A deterministic cache key: the dataset's fingerprint, the weights, the processor and the column names.
-    Equal inputs map to the same cache file, so an interrupted or repeated run reuses what is done."""
+def _fingerprint(model, processor, image_column: str, codes_column: str, previous: str,
+                 search: dict | None = None) -> str:
+    """A deterministic cache key: the dataset's fingerprint, the weights, the processor, the column names and the
+    search settings. Equal inputs map to the same cache file, so an interrupted or repeated run reuses what is done."""
     digest = hashlib.sha256(previous.encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(processor.to_json_string().encode())
     digest.update(f"{image_column}|{codes_column}|v1".encode())
+    if search:  # greedy runs keep the key they had before search existed
+        digest.update(json.dumps(search, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 
@@ -215,8 +219,9 @@ def _batch_pixel_values(processor, images: np.ndarray) -> torch.Tensor | None:
 class _Encoder:
     """The function `Dataset.map` calls; picklable, so it runs in `num_proc` worker processes too."""
 
-    def __init__(self, model, processor, image_column, codes_column, dtype, num_proc, fast=True):
+    def __init__(self, model, processor, image_column, codes_column, dtype, num_proc, fast=True, search=None):
         self.model = model
+        self.search = dict(search or {})  # keyword arguments of `model.encode` (search, num_candidates, num_sweeps)
         self.processor = processor
         # The batch path takes PNGs already at the size the processor makes (no resizing to do).
         self.image_size = getattr(processor, "image_size", model.config.image_size)
@@ -256,7 +261,7 @@ class _Encoder:
         if pixel_values is None:
             pixel_values = self._pixel_values(values, indices)
         with torch.inference_mode():
-            codes = self.model.encode(pixel_values.to(self._device)).codes
+            codes = self.model.encode(pixel_values.to(self._device), **self.search).codes
         return {self.codes_column: codes.cpu().numpy().astype(self.dtype)}
 
     def _pixel_values(self, values, indices):
@@ -275,8 +280,9 @@ class _Encoder:
 
 def tokenize_dataset(dataset, model, processor, image_column: str = "image", batch_size: int = 64,
                      num_proc: int | None = None, codes_column: str = "codes", load_from_cache_file: bool = True,
-                     desc: str = "Tokenizing"):
-    """Add a `codes` column of greedy codes to `dataset` (every other column kept).
+                     desc: str = "Tokenizing", search: str | None = None, num_candidates: int = 4,
+                     num_sweeps: int = 1):
+    """Add a `codes` column of greedy (or searched) codes to `dataset` (every other column kept).
 
     Args:
         dataset (`datasets.Dataset`): rows with an image column (PIL images, image files or HWC arrays).
@@ -286,6 +292,10 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
         batch_size: images per `model.encode` call.
         num_proc: worker processes (`Dataset.map`'s); with GPUs, worker `rank` uses GPU `rank % num_gpus`.
         codes_column: name of the new column.
+        search: None (greedy codes, the default) or "local" / "parallel": each image's codes are improved by
+            `model.encode(search=...)` with `num_candidates` and `num_sweeps` (deterministic, so the result is
+            cached like greedy codes; the settings are part of the cache key). "best-of-n" is refused: it samples,
+            and a cached column must not depend on a random draw.
 
     Returns:
         The dataset with `codes_column`: a fixed-length sequence of L integers per row, of the smallest unsigned
@@ -306,6 +316,14 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if num_proc is not None and num_proc < 1:
         raise ValueError(f"num_proc must be None or >= 1, got {num_proc}.")
+    settings = None
+    if search is not None:
+        if search not in ("local", "parallel"):
+            raise ValueError(f"search must be None, 'local' or 'parallel' (deterministic searches), got {search!r}.")
+        settings = {"search": search, "num_candidates": int(num_candidates), "num_sweeps": int(num_sweeps)}
+        # Check the settings (and that the model can run this search) on one image before mapping the dataset.
+        size = model.config.image_size
+        model.encode(torch.zeros(1, model.config.num_channels, size, size, device=model.device), **settings)
     config = model.config
     dtype = code_dtype(config.codebook_size)
     feature = dataset.features[image_column]
@@ -314,8 +332,8 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
     features = dataset.features.copy()
     features[codes_column] = datasets.List(datasets.Value(dtype), length=config.num_tokens)
     encoder = _Encoder(model.cpu() if num_proc and num_proc > 1 else model, processor, image_column,
-                       codes_column, dtype, num_proc)
-    fingerprint = _fingerprint(model, processor, image_column, codes_column, dataset._fingerprint)
+                       codes_column, dtype, num_proc, search=settings)
+    fingerprint = _fingerprint(model, processor, image_column, codes_column, dataset._fingerprint, settings)
     tokenized = dataset.map(
         encoder, batched=True, batch_size=batch_size, num_proc=num_proc, with_indices=True,
         input_columns=[image_column],  # only the image column is read into Python; the others are copied as Arrow

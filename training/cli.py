@@ -85,12 +85,21 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def _add_search_arguments(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
+    parser.add_argument("--search", choices=choices, default=None,
+                        help="improve each image's greedy code by searching on log p(x | z) "
+                             "(`DapsModel.encode(search=...)`); default: greedy codes")
+    parser.add_argument("--num-candidates", type=int, default=4, help="codes tried per position (default 4)")
+    parser.add_argument("--num-sweeps", type=int, default=1, help="passes over the positions (default 1)")
+
+
 def cmd_reconstruct(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="daps reconstruct",
                                      description="Encode and decode images; write an original/reconstruction grid PNG.")
     parser.add_argument("folder")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--output", default="reconstructions.png")
+    _add_search_arguments(parser, choices=("local", "parallel"))
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -105,7 +114,9 @@ def cmd_reconstruct(argv: list[str]) -> int:
         except Exception as error:
             raise SystemExit(f"error: cannot read image {path}: {error}")
     pixel_values = processor(pictures, return_tensors="pt").pixel_values
-    codes = model.encode(pixel_values).codes
+    search = {} if args.search is None else dict(search=args.search, num_candidates=args.num_candidates,
+                                                 num_sweeps=args.num_sweeps)
+    codes = model.encode(pixel_values, **search).codes
     reconstruction = model.decode(codes).pixel_values
     originals = processor.postprocess(pixel_values, output_type="pt")
     reconstructions = processor.postprocess(reconstruction, output_type="pt")
@@ -124,6 +135,7 @@ def cmd_tokenize(argv: list[str]) -> int:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-proc", type=int, default=None)
+    _add_search_arguments(parser, choices=("local", "parallel"))
     args = parser.parse_args(argv)
 
     import datasets
@@ -140,7 +152,8 @@ def cmd_tokenize(argv: list[str]) -> int:
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[args.split]
     tokenized = tokenize_dataset(dataset, model, processor, image_column=args.image_column,
-                                 batch_size=args.batch_size, num_proc=args.num_proc)
+                                 batch_size=args.batch_size, num_proc=args.num_proc, search=args.search,
+                                 num_candidates=args.num_candidates, num_sweeps=args.num_sweeps)
     if args.output.endswith(".parquet"):
         tokenized.to_parquet(args.output)
     else:
