@@ -348,3 +348,16 @@ def test_hub_dataset_splits_labels_and_array_images(monkeypatch):
     assert no_labels.train_labels is None and no_labels.image_size == 6
     with pytest.raises(ValueError, match="no column 'image'"):
         load_image_splits("someone/tiny")
+
+
+def test_flip_augment_flips_about_half_reproducibly():
+    from training.data import flip_augment
+
+    images = torch.rand(200, 3, 4, 5)
+    out = flip_augment(images, seed=0, step=7)
+    flipped = (out == images.flip(-1)).flatten(1).all(1)
+    kept = (out == images).flatten(1).all(1)
+    assert bool((flipped | kept).all()) and 70 < int(flipped.sum()) < 130
+    assert torch.equal(out, flip_augment(images, seed=0, step=7))            # the same step draws the same flips
+    assert not torch.equal(out, flip_augment(images, seed=0, step=8))        # the next step draws new ones
+    assert not torch.equal(out, flip_augment(images, seed=1, step=7))

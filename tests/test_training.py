@@ -113,8 +113,9 @@ def _train_command(output_dir, max_steps, extra=()):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # A decaying learning rate, so that the resumed run must also restore where the schedule was.
-    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3"]
+    # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips, so
+    # that it must also see the flips it would have seen.
+    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3", "--augment_flip", "true"]
     straight = tmp_path / "straight"
     subprocess.run(_train_command(straight, 30, schedule), check=True, env=env, capture_output=True, timeout=600)
 

@@ -133,6 +133,9 @@ class TrainArguments:
     save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in output_dir."})
+    augment_flip: bool = field(default=False, metadata={"help": "Flip each training image left-right with "
+                               "probability 1/2 (a new draw each step, reproducible from the seed and the step); "
+                               "for every method alike. Off by default."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and sampling."})
     mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' (autocast; sampling stays fp32)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})

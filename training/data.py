@@ -42,6 +42,7 @@ __all__ = [
     "batch_iterator",
     "binarize",
     "binarize_fixed",
+    "flip_augment",
     "load_image_splits",
 ]
 
@@ -591,6 +592,14 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     device = generator.device if generator is not None else x.device
     uniforms = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float32)
     return (uniforms.to(x.device) < x).to(x.dtype)
+
+
+def flip_augment(images: torch.Tensor, seed: int, step: int, micro: int = 0) -> torch.Tensor:
+    """Each image (N, C, H, W) flipped left–right with probability 1/2: a new draw per (seed, step, micro-batch),
+    the same draw whenever that step is run again (a resumed run sees the batches it would have seen)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
 def binarize_fixed(x: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 from . import objective
 from .arguments import BETA_SCHEDULES, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
-from .data import EpochSampler, binarize, binarize_fixed, load_image_splits
+from .data import EpochSampler, binarize, binarize_fixed, flip_augment, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
 
 logger = logging.getLogger("daps")
@@ -406,6 +406,8 @@ def train(args: TrainArguments) -> dict:
         for micro in range(args.gradient_accumulation_steps):
             chunk = local[micro * (micro_batch // world):(micro + 1) * (micro_batch // world)]
             images = splits.train[chunk]
+            if args.augment_flip:
+                images = flip_augment(images, args.seed, step, micro)
             pixel_values = to_model_input(images, config).to(accelerator.device)
             targets = binarize(images, generator=binarize_generator).to(accelerator.device) \
                 if config.likelihood == "bernoulli" else pixel_values
