@@ -80,11 +80,15 @@ def test_an_unreadable_image_names_its_row(model_and_processor):
         tokenize_dataset(dataset, model, processor, batch_size=2, load_from_cache_file=False)
 
 
+def saved_and_loaded(dataset, folder):
+    """The dataset written with save_to_disk and read back: a dataset with cache files, as `datasets` caches maps."""
+    dataset.save_to_disk(folder)
+    return datasets.load_from_disk(str(folder))
+
+
 def test_second_run_is_served_from_the_cache(model_and_processor, tmp_path):
     model, processor = model_and_processor
-    dataset = make_dataset(8)
-    dataset.save_to_disk(tmp_path / "ds")
-    on_disk = datasets.load_from_disk(str(tmp_path / "ds"))
+    on_disk = saved_and_loaded(make_dataset(8), tmp_path / "ds")
     first = tokenize_dataset(on_disk, model, processor, batch_size=4)
     second = tokenize_dataset(on_disk, model, processor, batch_size=4)
     assert first.cache_files and first.cache_files == second.cache_files
@@ -94,8 +98,7 @@ def test_second_run_is_served_from_the_cache(model_and_processor, tmp_path):
 def test_searched_codes_equal_model_encode_and_have_their_own_cache(model_and_processor, tmp_path):
     model, processor = model_and_processor
     dataset = make_dataset(8)
-    dataset.save_to_disk(tmp_path / "ds")
-    on_disk = datasets.load_from_disk(str(tmp_path / "ds"))
+    on_disk = saved_and_loaded(dataset, tmp_path / "ds")
     greedy = tokenize_dataset(on_disk, model, processor, batch_size=4)
     searched = tokenize_dataset(on_disk, model, processor, batch_size=4, search="parallel", num_candidates=3,
                                 num_sweeps=2)

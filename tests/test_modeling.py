@@ -419,13 +419,17 @@ def test_best_of_n_shapes_and_determinism():
     torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
 
 
-def _perturbed_mnist_model():
+def _perturbed_model(preset="mnist", scale=0.05, **overrides):
     torch.manual_seed(0)
-    model = make_model("mnist")
+    model = make_model(preset, **overrides)
     with torch.no_grad():  # a decoder that depends on its codes, so candidates differ
         for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+            parameter.add_(torch.randn_like(parameter) * scale)
     return model
+
+
+def _perturbed_mnist_model():
+    return _perturbed_model("mnist")
 
 
 def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
@@ -441,14 +445,20 @@ def test_best_of_n_is_never_worse_than_greedy_and_picks_the_best_candidate():
     assert (best_score >= model.reconstruction_log_likelihood(x, candidates).max(1).values - 1e-4).all()
 
 
-def test_local_search_shapes_determinism_and_log_prob():
-    model = _perturbed_mnist_model()
-    x = random_images(model.config, 3)
-    a = model.encode(x, search="local", num_candidates=3, num_sweeps=1)
-    b = model.encode(x, search="local", num_candidates=3, num_sweeps=1)
-    assert a.codes.shape == (3, 8) and a.codes.dtype == torch.long and a.log_prob.shape == (3,)
+def _searched_twice(model, x, **search):
+    """The search's output, checked for shapes, determinism (a second call gives the same codes) and its log q."""
+    a = model.encode(x, **search)
+    b = model.encode(x, **search)
+    assert a.codes.shape == (len(x), model.config.num_tokens) and a.codes.dtype == torch.long
+    assert a.log_prob.shape == (len(x),)
     assert torch.equal(a.codes, b.codes)
     torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
+    return a
+
+
+def test_local_search_shapes_determinism_and_log_prob():
+    model = _perturbed_mnist_model()
+    _searched_twice(model, random_images(model.config, 3), search="local", num_candidates=3, num_sweeps=1)
 
 
 def test_local_search_is_never_worse_than_greedy_and_ends_at_a_local_optimum():
@@ -476,22 +486,13 @@ def test_local_search_is_never_worse_than_greedy_and_ends_at_a_local_optimum():
 def _perturbed_grid_model():
     """A small conv-decoder model whose codes lie on a 4 × 4 grid (so the 3 × 3 colouring has several colours with
     more than one position), with weights enlarged so that its codes and reconstructions depend on the image."""
-    torch.manual_seed(0)
-    model = make_model("tiny", num_tokens=16, codebook_size=16)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model
+    return _perturbed_model("tiny", num_tokens=16, codebook_size=16)
 
 
 def test_parallel_search_shapes_determinism_log_prob_and_never_worse_than_greedy():
     model = _perturbed_grid_model()
     x = random_images(model.config, 6)
-    a = model.encode(x, search="parallel", num_candidates=4, num_sweeps=3)
-    b = model.encode(x, search="parallel", num_candidates=4, num_sweeps=3)
-    assert a.codes.shape == (6, 16) and a.codes.dtype == torch.long and a.log_prob.shape == (6,)
-    assert torch.equal(a.codes, b.codes)
-    torch.testing.assert_close(model.log_prob(x, a.codes), a.log_prob, atol=1e-4, rtol=1e-6)
+    a = _searched_twice(model, x, search="parallel", num_candidates=4, num_sweeps=3)
     greedy_score = model.reconstruction_log_likelihood(x, model.encode(x).codes)
     score = model.reconstruction_log_likelihood(x, a.codes)
     assert (score >= greedy_score - 1e-3).all()
@@ -528,11 +529,7 @@ def test_parallel_search_with_one_position_per_colour_and_a_whole_grid_window_is
 def test_quantizer_codes_can_be_searched_from_their_nearest_lattice_points(quantizer, search):
     """FSQ and VQ have one code per image, but the codes near the latent can be tried too: the first code tried at a
     position is the quantiser's own, and the search is never worse than it."""
-    torch.manual_seed(0)
-    model = make_model("tiny", encoder_type="parallel", num_tokens=16, codebook_size=16, **quantizer)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
+    model = _perturbed_model("tiny", scale=0.3, encoder_type="parallel", num_tokens=16, codebook_size=16, **quantizer)
     x = random_images(model.config, 6)
     greedy = model.encode(x).codes
     with torch.no_grad():
