@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=6, help="K (default 6, the cifar recipe's)")
     parser.add_argument("--dataset", default="photo-crops")
     parser.add_argument("--split", choices=("train", "validation", "test"), default="train")
+    parser.add_argument("--output", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -102,7 +103,10 @@ def main() -> None:
         row("local search, 4 codes × 1 sweep", model.encode(x, search="local", num_candidates=4, num_sweeps=1).codes)
         row("parallel local search, 4 codes × 1 sweep",
             model.encode(x, search="parallel", num_candidates=4, num_sweeps=1).codes)
-    print("\n".join(lines))
+    report = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":
