@@ -503,8 +503,8 @@ def test_parallel_search_shapes_determinism_log_prob_and_never_worse_than_greedy
     # only the check of the whole image's log-likelihood keeps the search from taking them.
     with torch.no_grad():
         memory = model.encode_patches(x)
-        greedy, log_prob = model._sample_from_memory(memory, None, 1.0, None)
-        coarse = model._parallel_local_search(x, memory, greedy[:, 0], log_prob[:, 0], 4, 3, stride=1, window=1)
+        greedy, _ = model._sample_from_memory(memory, None, 1.0, None)
+        coarse = model._parallel_local_search(x, memory, greedy[:, 0], 4, 3, stride=1, window=1)
     assert (model.reconstruction_log_likelihood(x, coarse.codes) >= greedy_score - 1e-3).all()
 
 
@@ -516,9 +516,9 @@ def test_parallel_search_with_one_position_per_colour_and_a_whole_grid_window_is
     x = random_images(model.config, 5, seed=3)
     with torch.no_grad():
         memory = model.encode_patches(x)
-        greedy, log_prob = model._sample_from_memory(memory, None, 1.0, None)
-        sequential = model._local_search(x, memory, greedy[:, 0], log_prob[:, 0], 3, 2).codes
-        parallel = model._parallel_local_search(x, memory, greedy[:, 0], log_prob[:, 0], 3, 2, stride=4,
+        greedy, _ = model._sample_from_memory(memory, None, 1.0, None)
+        sequential = model._local_search(x, memory, greedy[:, 0], 3, 2).codes
+        parallel = model._parallel_local_search(x, memory, greedy[:, 0], 3, 2, stride=4,
                                                 window=9).codes
     assert not torch.equal(sequential, greedy[:, 0])  # the comparison is not between two unchanged greedy codes
     assert torch.equal(parallel, sequential)

@@ -87,6 +87,17 @@ class DapsModelOutput(ModelOutput):
 SEARCH_METHODS = ("best-of-n", "local", "parallel")
 
 
+def token_window_sums(token_values: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+    """(..., L) values laid on the (rows, columns) code grid in raster order → each one's sum over the `window` ×
+    `window` square of grid cells centred on it (cells outside the grid count 0); `window` odd, 1 returns the input."""
+    if window == 1:
+        return token_values
+    rows, columns = grid
+    cells = token_values.reshape(-1, 1, rows, columns)
+    summed = F.avg_pool2d(cells, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
+    return summed.reshape(token_values.shape)
+
+
 # ----------------------------------------------------------------------------------------------- building blocks
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Probabilities and likelihoods are computed in fp32 (or fp64 for an fp64 model), never in bf16/fp16."""
@@ -887,11 +898,9 @@ class DapsModel(DapsPreTrainedModel):
                 return self._best_of_n(pixel_values, memory, codes, log_prob, num_candidates, float(temperature),
                                        generator)
             if search == "local":
-                return self._local_search(pixel_values, memory, codes[:, 0], log_prob[:, 0], num_candidates,
-                                          num_sweeps)
+                return self._local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps)
             if search == "parallel":
-                return self._parallel_local_search(pixel_values, memory, codes[:, 0], log_prob[:, 0],
-                                                   num_candidates, num_sweeps)
+                return self._parallel_local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps)
         if num_samples is None:
             codes, log_prob = codes[:, 0], log_prob[:, 0]
         return DapsEncoderOutput(codes=codes, log_prob=log_prob)
@@ -908,7 +917,7 @@ class DapsModel(DapsPreTrainedModel):
         rows = torch.arange(candidates.shape[0], device=best.device)
         return DapsEncoderOutput(codes=candidates[rows, best], log_prob=candidate_log_prob[rows, best])
 
-    def _local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps):
+    def _local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps):
         """Coordinate ascent on log p(x | z) from `codes` (B, L): see `encode(search="local")`."""
         b, length = codes.shape
         tried = self._search_candidates(memory, codes, num_candidates)                                 # (B, L, N)
@@ -962,8 +971,8 @@ class DapsModel(DapsPreTrainedModel):
         distances = (latents[..., None, :] - points).pow(2).sum(-1)                         # (B, L, V)
         return distances.topk(min(num_candidates, points.shape[0]), dim=-1, largest=False).indices
 
-    def _parallel_local_search(self, pixel_values, memory, codes, log_prob, num_candidates, num_sweeps,
-                               stride: int = 3, window: int = 3):
+    def _parallel_local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps, stride: int = 3,
+                               window: int = 3):
         """Coordinate ascent on log p(x | z) from `codes` (B, L), many positions per decode: see
         `encode(search="parallel")`. Positions of one colour of the (row mod `stride`, column mod `stride`) grid
         colouring are tried together; a position's choice is judged on the log-likelihood of the `window` ×
@@ -976,9 +985,7 @@ class DapsModel(DapsPreTrainedModel):
         colour = (position // columns % stride) * stride + position % columns % stride                  # (L,)
 
         def credited(token_rewards: torch.Tensor) -> torch.Tensor:    # (B, K, L) → summed over the window
-            grid = token_rewards.float().reshape(-1, 1, rows, columns)
-            summed = F.avg_pool2d(grid, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
-            return summed.reshape(token_rewards.shape)
+            return token_window_sums(token_rewards.float(), (rows, columns), window)
 
         codes = codes.clone()
         current, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None], per_token=True)  # (B, 1, L)

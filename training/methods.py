@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.modeling_daps import DapsModelOutput
+from tokenizer.modeling_daps import DapsModelOutput, token_window_sums
 
 from . import objective
 from .warm_start import fit_kmeans, nearest_codes, token_cells
@@ -295,14 +295,7 @@ class DapsMethod(nn.Module):
     def _credited_rewards(self, token_rewards: torch.Tensor) -> torch.Tensor:
         """(B, K, L) rewards located at each token → the reward credited to it: the sum over the `credit_window`
         square of grid cells centred on the token's cell (cells outside the grid count 0)."""
-        window = self.credit_window
-        if window == 1:
-            return token_rewards
-        b, k, length = token_rewards.shape
-        rows, columns = self.model.check_token_cells()
-        grid = token_rewards.reshape(b * k, 1, rows, columns)
-        summed = F.avg_pool2d(grid, window, stride=1, padding=window // 2, count_include_pad=True) * window**2
-        return summed.reshape(b, k, length)
+        return token_window_sums(token_rewards, self.model.check_token_cells(), self.credit_window)
 
     def _sample_and_score(self, pixel_values: torch.Tensor, targets: torch.Tensor):
         """The candidates of a step when they are not K plain samples of q, scored like samples.
