@@ -115,6 +115,8 @@ def test_searched_codes_equal_model_encode_and_have_their_own_cache(model_and_pr
         tokenize_dataset(dataset, model, processor, search="best-of-n")
     with pytest.raises(ValueError, match="num_sweeps"):
         tokenize_dataset(dataset, model, processor, search="local", num_sweeps=0)
+    with pytest.raises(ValueError, match="num_candidates"):  # not silently truncated to 4
+        tokenize_dataset(dataset, model, processor, search="local", num_candidates=4.7)
 
 
 def test_bad_arguments(model_and_processor):

@@ -320,7 +320,7 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
     if search is not None:
         if search not in ("local", "parallel"):
             raise ValueError(f"search must be None, 'local' or 'parallel' (deterministic searches), got {search!r}.")
-        settings = {"search": search, "num_candidates": int(num_candidates), "num_sweeps": int(num_sweeps)}
+        settings = {"search": search, "num_candidates": num_candidates, "num_sweeps": num_sweeps}
         # Check the settings (and that the model can run this search) on one image before mapping the dataset.
         size = model.config.image_size
         model.encode(torch.zeros(1, model.config.num_channels, size, size, device=model.device), **settings)
