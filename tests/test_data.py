@@ -350,14 +350,39 @@ def test_hub_dataset_splits_labels_and_array_images(monkeypatch):
         load_image_splits("someone/tiny")
 
 
-def test_flip_augment_flips_about_half_reproducibly():
-    from training.data import flip_augment
+def test_augment_images_flips_about_half_reproducibly():
+    from training.data import augment_images
 
     images = torch.rand(200, 3, 4, 5)
-    out = flip_augment(images, seed=0, step=7)
+    out = augment_images(images, seed=0, step=7, flip=True)
     flipped = (out == images.flip(-1)).flatten(1).all(1)
     kept = (out == images).flatten(1).all(1)
     assert bool((flipped | kept).all()) and 70 < int(flipped.sum()) < 130
-    assert torch.equal(out, flip_augment(images, seed=0, step=7))            # the same step draws the same flips
-    assert not torch.equal(out, flip_augment(images, seed=0, step=8))        # the next step draws new ones
-    assert not torch.equal(out, flip_augment(images, seed=1, step=7))
+    assert torch.equal(out, augment_images(images, seed=0, step=7, flip=True))   # the same step draws the same flips
+    assert not torch.equal(out, augment_images(images, seed=0, step=8, flip=True))   # the next step draws new ones
+    assert not torch.equal(out, augment_images(images, seed=1, step=7, flip=True))
+    assert torch.equal(augment_images(images, seed=0, step=7), images)               # nothing asked, nothing done
+
+
+def test_augment_images_rotates_and_permutes_channels_per_image():
+    from itertools import permutations
+
+    from training.data import augment_images
+
+    images = torch.rand(400, 3, 6, 6)
+    rotated = augment_images(images, seed=3, step=1, rotate=True)
+    turns = torch.stack([(rotated == torch.rot90(images, k, dims=(-2, -1))).flatten(1).all(1) for k in range(4)], 1)
+    assert bool((turns.sum(1) == 1).all())                      # every image is exactly one of its four rotations
+    assert all(60 < int(count) < 140 for count in turns.sum(0))  # and each rotation is drawn about a quarter of the time
+    permuted = augment_images(images, seed=3, step=1, permute_channels=True)
+    orders = torch.stack([(permuted == images[:, list(order)]).flatten(1).all(1)
+                          for order in permutations(range(3))], 1)
+    assert bool((orders.sum(1) == 1).all()) and all(30 < int(count) < 110 for count in orders.sum(0))
+    # The flips are drawn first: adding the other augmentations leaves each image's flip unchanged.
+    both = augment_images(images, seed=3, step=1, flip=True, rotate=True, permute_channels=True)
+    flipped = augment_images(images, seed=3, step=1, flip=True)
+    assert torch.equal(both, augment_images(flipped, seed=3, step=1, rotate=True, permute_channels=True))
+    with pytest.raises(ValueError, match="square"):
+        augment_images(torch.rand(2, 3, 4, 5), seed=0, step=0, rotate=True)
+    with pytest.raises(ValueError, match="more than one channel"):
+        augment_images(torch.rand(2, 1, 4, 4), seed=0, step=0, permute_channels=True)

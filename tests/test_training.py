@@ -98,6 +98,24 @@ def test_usage_weight_defaults_to_the_presets():
     assert resolve_defaults(TrainArguments(dataset="mnist-5k", usage_weight=0.1)).usage_weight == 0.1
 
 
+def test_augmentations_reach_the_training_batches(tmp_path):
+    from safetensors.torch import load_file
+
+    weights = []
+    for name, rotate in (("plain", False), ("rotated", True)):
+        train(tiny_args(tmp_path / name, max_steps=2, augment_rotate=rotate))
+        weights.append(load_file(str(tmp_path / name / "run" / "model.safetensors")))
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_refuses_to_permute_the_channels_of_grey_images(tmp_path):
+    args = tiny_args(tmp_path, max_steps=2)
+    args.augment_channels = True
+    with pytest.raises(ValueError, match="one channel"):
+        train(args)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_refuses_to_overwrite_a_previous_run(tmp_path):
     args = tiny_args(tmp_path, max_steps=2)
     train(args)
@@ -113,9 +131,9 @@ def _train_command(output_dir, max_steps, extra=()):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips, so
-    # that it must also see the flips it would have seen.
-    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3", "--augment_flip", "true"]
+    # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips and
+    # rotations, so that it must also see the augmented images it would have seen.
+    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3", "--augment_flip", "true", "--augment_rotate", "true"]
     straight = tmp_path / "straight"
     subprocess.run(_train_command(straight, 30, schedule), check=True, env=env, capture_output=True, timeout=600)
 

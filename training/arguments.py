@@ -136,6 +136,10 @@ class TrainArguments:
     augment_flip: bool = field(default=False, metadata={"help": "Flip each training image left-right with "
                                "probability 1/2 (a new draw each step, reproducible from the seed and the step); "
                                "for every method alike. Off by default."})
+    augment_rotate: bool = field(default=False, metadata={"help": "Rotate each training image by a random multiple "
+                                 "of 90 degrees (square images; drawn like the flips). Off by default."})
+    augment_channels: bool = field(default=False, metadata={"help": "Put each training image's colour channels in a "
+                                   "random order (colour images; drawn like the flips). Off by default."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and sampling."})
     mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' (autocast; sampling stays fp32)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})

@@ -39,10 +39,10 @@ __all__ = [
     "PHOTO_SPLITS",
     "EpochSampler",
     "ImageSplits",
+    "augment_images",
     "batch_iterator",
     "binarize",
     "binarize_fixed",
-    "flip_augment",
     "load_image_splits",
 ]
 
@@ -594,12 +594,39 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (uniforms.to(x.device) < x).to(x.dtype)
 
 
-def flip_augment(images: torch.Tensor, seed: int, step: int, micro: int = 0) -> torch.Tensor:
-    """Each image (N, C, H, W) flipped left–right with probability 1/2: a new draw per (seed, step, micro-batch),
-    the same draw whenever that step is run again (a resumed run sees the batches it would have seen)."""
+def augment_images(images: torch.Tensor, seed: int, step: int, micro: int = 0, *, flip: bool = False,
+                   rotate: bool = False, permute_channels: bool = False) -> torch.Tensor:
+    """Random label-free augmentations of a training batch (N, C, H, W) → (N, C, H, W), each drawn per image:
+
+    - `flip`: left–right with probability 1/2;
+    - `rotate`: by 0, 90, 180 or 270 degrees, each with probability 1/4 (square images only);
+    - `permute_channels`: the colour channels in one of their C! orders, uniformly (C > 1 only).
+
+    A new draw per (seed, step, micro-batch), the same draw whenever that step is run again, so a resumed run sees
+    the batches it would have seen. The flips are drawn first, so turning the others on leaves them unchanged.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}.")
+    n, channels, height, width = images.shape
+    if rotate and height != width:
+        raise ValueError(f"rotation needs square images, got {height}×{width}.")
+    if permute_channels and channels < 2:
+        raise ValueError("permuting channels needs more than one channel, got 1.")
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+    flips = torch.rand(n, generator=generator) < 0.5
+    turns = torch.randint(4, (n,), generator=generator)
+    orders = torch.rand(n, channels, generator=generator).argsort(dim=1)
+    out = images
+    if flip:
+        out = torch.where(flips.to(out.device)[:, None, None, None], out.flip(-1), out)
+    if rotate:
+        out = out.clone()
+        for k in (1, 2, 3):
+            chosen = (turns == k).to(out.device)
+            out[chosen] = torch.rot90(out[chosen], k, dims=(-2, -1))
+    if permute_channels:
+        out = out[torch.arange(n, device=out.device)[:, None], orders.to(out.device)]
+    return out
 
 
 def binarize_fixed(x: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 from . import objective
 from .arguments import BETA_SCHEDULES, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
-from .data import EpochSampler, binarize, binarize_fixed, flip_augment, load_image_splits
+from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
 
 logger = logging.getLogger("daps")
@@ -300,6 +300,11 @@ def train(args: TrainArguments) -> dict:
         config, notes = build_config(args, splits.image_size, splits.num_channels)
         model = DapsModel(config)
     config = model.config
+    if args.augment_channels and config.num_channels < 2:
+        raise ValueError(f"--augment_channels permutes colour channels; {args.dataset} has one channel.")
+    if args.augment_rotate and tuple(splits.train.shape[-2:]) != (config.image_size, config.image_size):
+        raise ValueError(f"--augment_rotate needs square images, got {tuple(splits.train.shape[-2:])}.")
+    augment = args.augment_flip or args.augment_rotate or args.augment_channels
     processor = DapsImageProcessor.from_model_config(config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -406,8 +411,9 @@ def train(args: TrainArguments) -> dict:
         for micro in range(args.gradient_accumulation_steps):
             chunk = local[micro * (micro_batch // world):(micro + 1) * (micro_batch // world)]
             images = splits.train[chunk]
-            if args.augment_flip:
-                images = flip_augment(images, args.seed, step, micro)
+            if augment:
+                images = augment_images(images, args.seed, step, micro, flip=args.augment_flip,
+                                        rotate=args.augment_rotate, permute_channels=args.augment_channels)
             pixel_values = to_model_input(images, config).to(accelerator.device)
             targets = binarize(images, generator=binarize_generator).to(accelerator.device) \
                 if config.likelihood == "bernoulli" else pixel_values
