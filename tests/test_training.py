@@ -99,13 +99,27 @@ def test_usage_weight_defaults_to_the_presets():
 
 
 def test_augmentations_reach_the_training_batches(tmp_path):
-    from safetensors.torch import load_file
-
     weights = []
     for name, rotate in (("plain", False), ("rotated", True)):
         train(tiny_args(tmp_path / name, max_steps=2, augment_rotate=rotate))
         weights.append(load_file(str(tmp_path / name / "run" / "model.safetensors")))
     assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_kmeans_warm_start_is_fitted_to_augmented_images(tmp_path, monkeypatch):
+    from training.data import augment_images
+    from training.methods import DapsMethod
+    from training.trainer import to_model_input
+
+    seen = []
+    fit = DapsMethod.fit_warm_start
+    monkeypatch.setattr(DapsMethod, "fit_warm_start",
+                        lambda self, images, **kw: (seen.append(images), fit(self, images, **kw)))
+    train(tiny_args(tmp_path, max_steps=1, warm_start_steps=1, augment_rotate=True, seed=3))
+    train_images = load_image_splits("digits", seed=0).train
+    config = DapsModel.from_pretrained(tmp_path / "run").config
+    assert torch.equal(seen[0], to_model_input(augment_images(train_images, 3, -1, rotate=True), config))
+    assert not torch.equal(seen[0], to_model_input(train_images, config))
 
 
 def test_refuses_to_permute_the_channels_of_grey_images(tmp_path):
@@ -133,7 +147,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips and
     # rotations, so that it must also see the augmented images it would have seen.
-    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3", "--augment_flip", "true", "--augment_rotate", "true"]
+    schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3",
+                "--augment_flip", "true", "--augment_rotate", "true"]
     straight = tmp_path / "straight"
     subprocess.run(_train_command(straight, 30, schedule), check=True, env=env, capture_output=True, timeout=600)
 

@@ -393,7 +393,12 @@ def train(args: TrainArguments) -> dict:
         # The k-means codebook is part of training: its time is charged to the run (recomputed, identically, on
         # resume while warm-start steps remain).
         started = clock()
-        inner.fit_warm_start(to_model_input(splits.train, config), seed=args.seed)
+        # With augmentations, the codebook is fitted to one augmented draw of each training image (step −1, a
+        # draw no training step makes): it stands for the images the loop will train on.
+        kmeans_images = splits.train if not augment else augment_images(
+            splits.train, args.seed, -1, flip=args.augment_flip, rotate=args.augment_rotate,
+            permute_channels=args.augment_channels)
+        inner.fit_warm_start(to_model_input(kmeans_images, config), seed=args.seed)
         elapsed += clock() - started
         if accelerator.is_main_process:
             logger.info("Warm start: k-means codebook of %d pixel blocks fitted in %.1f s; %d warm-start steps%s",
