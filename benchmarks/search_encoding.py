@@ -6,7 +6,8 @@
 For each folder, on the first `--images` test images of the dataset the run was trained on (`train_args.json`), in
 one thread: greedy codes; optionally one sample at given temperatures; best-of-n (`encode(search="best-of-n")`); and local search (`encode(search="local")`,
 `num_candidates:num_sweeps` per `--local` entry); and parallel local search (`encode(search="parallel")`, the same
-setting format per `--parallel` entry; conv decoder only). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
+setting format per `--parallel` entry; conv decoder only); with `--objectives likelihood squared_error`, each search
+also maximising minus the squared error (rows marked "for PSNR") instead of log p(x | z). Reported: PSNR and SSIM of the reconstruction, log p(x | z) per image
 (nats), the rate −log q(z | x) of the chosen code (nats per image; greedy codes are what an entropy coder driven by
 the encoder would pay), the share of tokens that differ from greedy, and CPU seconds per image. A deterministic
 quantiser (FSQ, VQ) has no samples, so it has no best-of-n or sampled rows; its local and parallel searches try the
@@ -31,6 +32,9 @@ from tokenizer import DapsModel  # noqa: E402
 from training.data import load_image_splits  # noqa: E402
 from training.evaluation import psnr, ssim, to_unit_range  # noqa: E402
 from training.trainer import to_model_input  # noqa: E402
+
+
+SUFFIX = {"likelihood": "", "squared_error": ", for PSNR"}  # the row names of the search objectives
 
 
 def parse_local(spec: str) -> tuple[int, int]:
@@ -73,6 +77,8 @@ def main() -> None:
                         help="parallel local search settings CANDIDATES:SWEEPS (default none)")
     parser.add_argument("--sample-temperatures", type=float, nargs="*", default=[],
                         help="also one sampled code per image at each of these temperatures (no search)")
+    parser.add_argument("--objectives", nargs="+", default=["likelihood"], choices=["likelihood", "squared_error"],
+                        help="what the searches maximise (`encode(search_objective=...)`); one row per objective")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dataset", default=None, help="default: the run's train_args.json dataset")
     parser.add_argument("--output", default=None, help="also write the markdown table here")
@@ -95,20 +101,23 @@ def main() -> None:
         encodings = {"greedy": lambda x: model.encode(x)}
         if config.quantizer == "categorical":
             for n in args.best_of:
-                encodings[f"best-of-{n}"] = (lambda n: lambda x: model.encode(
-                    x, search="best-of-n", num_candidates=n, generator=torch.Generator().manual_seed(0)))(n)
+                for objective in args.objectives:
+                    encodings[f"best-of-{n}{SUFFIX[objective]}"] = (lambda n, objective: lambda x: model.encode(
+                        x, search="best-of-n", num_candidates=n, generator=torch.Generator().manual_seed(0),
+                        search_objective=objective))(n, objective)
             for tau in args.sample_temperatures:
                 encodings[f"1 sample at temperature {tau:g}"] = (lambda tau: lambda x: type(
                     "Codes", (), {"codes": model.encode(x, num_samples=1, temperature=tau,
                                                        generator=torch.Generator().manual_seed(0)).codes[:, 0]}))(tau)
         # FSQ and VQ codes are searched too: the codes tried are the lattice points or codebook vectors nearest the
         # encoder's latent (`DapsModel._search_candidates`).
-        for n, sweeps in args.local:
-            encodings[f"local {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
-                x, search="local", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
-        for n, sweeps in args.parallel:
-            encodings[f"parallel {n} × {sweeps} sweeps"] = (lambda n, sweeps: lambda x: model.encode(
-                x, search="parallel", num_candidates=n, num_sweeps=sweeps))(n, sweeps)
+        for search, settings in (("local", args.local), ("parallel", args.parallel)):
+            for (n, sweeps), objective in ((setting, objective) for setting in settings
+                                           for objective in args.objectives):
+                encodings[f"{search} {n} × {sweeps} sweeps{SUFFIX[objective]}"] = (
+                    lambda search, n, sweeps, objective: lambda x: model.encode(
+                        x, search=search, num_candidates=n, num_sweeps=sweeps, search_objective=objective)
+                )(search, n, sweeps, objective)
         greedy_codes = None
         for name, encode in encodings.items():
             result = measure(model, images, encode, args.batch)

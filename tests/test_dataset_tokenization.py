@@ -111,6 +111,15 @@ def test_searched_codes_equal_model_encode_and_have_their_own_cache(model_and_pr
     again = tokenize_dataset(on_disk, model, processor, batch_size=4, search="parallel", num_candidates=3,
                              num_sweeps=2)
     assert again.cache_files == searched.cache_files
+    # A search for PSNR is a cache entry of its own.
+    for_psnr = tokenize_dataset(on_disk, model, processor, batch_size=4, search="parallel", num_candidates=3,
+                                num_sweeps=2, search_objective="squared_error")
+    assert for_psnr.cache_files != searched.cache_files
+    expected = model.encode(pixel_values, search="parallel", num_candidates=3, num_sweeps=2,
+                            search_objective="squared_error").codes.numpy()
+    np.testing.assert_array_equal(np.array(for_psnr["codes"]), expected)
+    with pytest.raises(ValueError, match="pass search="):
+        tokenize_dataset(dataset, model, processor, search_objective="squared_error")
     with pytest.raises(ValueError, match="deterministic"):
         tokenize_dataset(dataset, model, processor, search="best-of-n")
     with pytest.raises(ValueError, match="num_sweeps"):

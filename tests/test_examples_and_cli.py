@@ -108,13 +108,15 @@ def test_eval_and_reconstruct_commands(digits_tokenizer, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "grid.png").exists()
     result = subprocess.run([sys.executable, "-m", "training", "reconstruct", str(digits_tokenizer), str(image),
-                             "--output", str(tmp_path / "searched.png"), "--search", "local", "--num-candidates", "3"],
+                             "--output", str(tmp_path / "searched.png"), "--search", "local", "--num-candidates", "3",
+                             "--search-objective", "squared_error"],
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     model = DapsModel.from_pretrained(digits_tokenizer)
     processor = DapsImageProcessor.from_pretrained(digits_tokenizer)
     pixel_values = processor([Image.open(image)], return_tensors="pt").pixel_values
-    expected = model.encode(pixel_values, search="local", num_candidates=3, num_sweeps=1).codes.tolist()
+    expected = model.encode(pixel_values, search="local", num_candidates=3, num_sweeps=1,
+                            search_objective="squared_error").codes.tolist()
     assert json.loads(result.stdout[result.stdout.index("{"):])["codes"] == expected
 
 

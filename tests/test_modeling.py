@@ -733,3 +733,26 @@ def test_repeated_codes_are_decoded_once_with_the_same_values_and_gradients(per_
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-3, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("search", ["best-of-n", "local", "parallel"])
+def test_squared_error_search_is_never_worse_than_greedy_in_squared_error(search):
+    """search_objective="squared_error" moves the codes to lower the squared error of the decoder's mean (PSNR up),
+    not to raise log p(x | z): never worse than greedy by that measure, and a different path from the default."""
+    model = _perturbed_grid_model()
+    x = random_images(model.config, 6)
+
+    def squared_error(codes):
+        with torch.no_grad():
+            return (model.decode(codes).pixel_values - x).pow(2).flatten(1).sum(1)
+
+    settings = dict(search=search, num_candidates=16 if search == "best-of-n" else 4, num_sweeps=2,
+                    generator=torch.Generator().manual_seed(0))
+    found = model.encode(x, search_objective="squared_error", **settings).codes
+    greedy = squared_error(model.encode(x).codes)
+    assert (squared_error(found) <= greedy + 1e-4).all()
+    assert (squared_error(found) < greedy - 1e-3).any()
+    settings["generator"] = torch.Generator().manual_seed(0)
+    assert not torch.equal(found, model.encode(x, **settings).codes)
+    with pytest.raises(ValueError, match="search_objective"):
+        model.encode(x, search=search, search_objective="psnr")

@@ -281,7 +281,7 @@ class _Encoder:
 def tokenize_dataset(dataset, model, processor, image_column: str = "image", batch_size: int = 64,
                      num_proc: int | None = None, codes_column: str = "codes", load_from_cache_file: bool = True,
                      desc: str = "Tokenizing", search: str | None = None, num_candidates: int = 4,
-                     num_sweeps: int = 1):
+                     num_sweeps: int = 1, search_objective: str = "likelihood"):
     """Add a `codes` column of greedy (or searched) codes to `dataset` (every other column kept).
 
     Args:
@@ -296,6 +296,8 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
             `model.encode(search=...)` with `num_candidates` and `num_sweeps` (deterministic, so the result is
             cached like greedy codes; the settings are part of the cache key). "best-of-n" is refused: it samples,
             and a cached column must not depend on a random draw.
+        search_objective: what the search maximises, "likelihood" (log p(x | z), the default) or "squared_error"
+            (PSNR); see `DapsModel.encode`.
 
     Returns:
         The dataset with `codes_column`: a fixed-length sequence of L integers per row, of the smallest unsigned
@@ -316,11 +318,15 @@ def tokenize_dataset(dataset, model, processor, image_column: str = "image", bat
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if num_proc is not None and num_proc < 1:
         raise ValueError(f"num_proc must be None or >= 1, got {num_proc}.")
+    if search is None and search_objective != "likelihood":
+        raise ValueError(f"search_objective={search_objective!r} is what a search maximises: pass search= too.")
     settings = None
     if search is not None:
         if search not in ("local", "parallel"):
             raise ValueError(f"search must be None, 'local' or 'parallel' (deterministic searches), got {search!r}.")
         settings = {"search": search, "num_candidates": num_candidates, "num_sweeps": num_sweeps}
+        if search_objective != "likelihood":  # likelihood searches keep the cache key they had before objectives
+            settings["search_objective"] = search_objective
         # Check the settings (and that the model can run this search) on one image before mapping the dataset.
         size = model.config.image_size
         model.encode(torch.zeros(1, model.config.num_channels, size, size, device=model.device), **settings)

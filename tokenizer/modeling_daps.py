@@ -85,6 +85,8 @@ class DapsModelOutput(ModelOutput):
 
 # The encoder's search modes (`DapsModel.encode(search=...)`).
 SEARCH_METHODS = ("best-of-n", "local", "parallel")
+# What a search maximises (`DapsModel.encode(search_objective=...)`).
+SEARCH_OBJECTIVES = ("likelihood", "squared_error")
 
 
 def token_window_sums(token_values: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
@@ -839,7 +841,8 @@ class DapsModel(DapsPreTrainedModel):
 
     def encode(self, pixel_values: torch.Tensor, num_samples: int | None = None, temperature: float = 1.0,
                generator: torch.Generator | None = None, search: str | None = None,
-               num_candidates: int = 16, num_sweeps: int = 2) -> DapsEncoderOutput:
+               num_candidates: int = 16, num_sweeps: int = 2,
+               search_objective: str = "likelihood") -> DapsEncoderOutput:
         """Images → codes.
 
         Args:
@@ -871,6 +874,9 @@ class DapsModel(DapsPreTrainedModel):
             num_candidates (`int`): sampled candidates for "best-of-n"; codes tried per position for "local" and
                 "parallel".
             num_sweeps (`int`): passes over the positions for "local" and "parallel".
+            search_objective (`str`): what every search maximises in place of log p(x | z): "likelihood" (the
+                default, the model's own reconstruction log-likelihood, weighted by its learned variance) or
+                "squared_error" (minus the squared error of the decoder's mean, i.e. the search targets PSNR).
 
         Returns:
             [`DapsEncoderOutput`] with `codes` (LongTensor) and `log_prob` (log q(codes | x) at temperature 1, nats).
@@ -880,6 +886,8 @@ class DapsModel(DapsPreTrainedModel):
             raise ValueError(f"num_samples must be None (greedy) or an integer >= 1, got {num_samples!r}.")
         if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        if search is None and search_objective != "likelihood":
+            raise ValueError(f"search_objective={search_objective!r} is what a search maximises: pass search= too.")
         if search is not None:
             if search not in SEARCH_METHODS:
                 raise ValueError(f"search must be None or one of {', '.join(map(repr, SEARCH_METHODS))}, got "
@@ -891,39 +899,46 @@ class DapsModel(DapsPreTrainedModel):
             if search in ("local", "parallel") and (isinstance(num_sweeps, bool) or not isinstance(num_sweeps, int)
                                       or num_sweeps < 1):
                 raise ValueError(f"num_sweeps must be an integer >= 1, got {num_sweeps!r}.")
+            if search_objective not in SEARCH_OBJECTIVES:
+                raise ValueError(f"search_objective must be one of {', '.join(map(repr, SEARCH_OBJECTIVES))}, got "
+                                 f"{search_objective!r}.")
         with torch.no_grad():
             memory = self.encode_patches(pixel_values)
             codes, log_prob = self._sample_from_memory(memory, num_samples, float(temperature), generator)
             if search == "best-of-n":
                 return self._best_of_n(pixel_values, memory, codes, log_prob, num_candidates, float(temperature),
-                                       generator)
+                                       generator, search_objective)
             if search == "local":
-                return self._local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps)
+                return self._local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps,
+                                          search_objective)
             if search == "parallel":
-                return self._parallel_local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps)
+                return self._parallel_local_search(pixel_values, memory, codes[:, 0], num_candidates, num_sweeps,
+                                                   objective=search_objective)
         if num_samples is None:
             codes, log_prob = codes[:, 0], log_prob[:, 0]
         return DapsEncoderOutput(codes=codes, log_prob=log_prob)
 
-    def _best_of_n(self, pixel_values, memory, greedy_codes, greedy_log_prob, num_candidates, temperature, generator):
-        """Among the greedy code and `num_candidates` samples, the code of highest log p(x | z), per image."""
+    def _best_of_n(self, pixel_values, memory, greedy_codes, greedy_log_prob, num_candidates, temperature, generator,
+                   objective="likelihood"):
+        """Among the greedy code and `num_candidates` samples, the code of highest log p(x | z) (or `objective`),
+        per image."""
         if self.config.quantizer != "categorical":
             return DapsEncoderOutput(codes=greedy_codes[:, 0], log_prob=greedy_log_prob[:, 0])
         sampled, sampled_log_prob = self._sample_from_memory(memory, num_candidates, temperature, generator)
         candidates = torch.cat([greedy_codes, sampled], dim=1)                      # (B, 1 + N, L)
         candidate_log_prob = torch.cat([greedy_log_prob, sampled_log_prob], dim=1)  # (B, 1 + N)
-        scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates)   # (B, 1 + N)
+        scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates, objective=objective)  # (B, 1 + N)
         best = scores.argmax(dim=1)  # ties go to the first, the greedy code
         rows = torch.arange(candidates.shape[0], device=best.device)
         return DapsEncoderOutput(codes=candidates[rows, best], log_prob=candidate_log_prob[rows, best])
 
-    def _local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps):
-        """Coordinate ascent on log p(x | z) from `codes` (B, L): see `encode(search="local")`."""
+    def _local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps, objective="likelihood"):
+        """Coordinate ascent on log p(x | z) (or `objective`) from `codes` (B, L): see `encode(search="local")`."""
         b, length = codes.shape
         tried = self._search_candidates(memory, codes, num_candidates)                                 # (B, L, N)
         num_candidates = tried.shape[-1]
         codes = codes.clone()
-        best, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None])                   # (B, 1)
+        best, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None], objective=objective)  # (B, 1)
         best = best[:, 0]
         rows = torch.arange(b, device=codes.device)
         for _ in range(num_sweeps):
@@ -936,7 +951,7 @@ class DapsModel(DapsPreTrainedModel):
                     continue
                 candidates = codes[:, None].repeat(1, num_candidates, 1)
                 candidates[:, :, position] = options
-                scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates)            # (B, N)
+                scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates, objective=objective)
                 scores = scores.masked_fill(~fresh, float("-inf"))
                 top_score, choice = scores.max(dim=1)
                 better = top_score > best
@@ -972,7 +987,7 @@ class DapsModel(DapsPreTrainedModel):
         return distances.topk(min(num_candidates, points.shape[0]), dim=-1, largest=False).indices
 
     def _parallel_local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps, stride: int = 3,
-                               window: int = 3):
+                               window: int = 3, objective: str = "likelihood"):
         """Coordinate ascent on log p(x | z) from `codes` (B, L), many positions per decode: see
         `encode(search="parallel")`. Positions of one colour of the (row mod `stride`, column mod `stride`) grid
         colouring are tried together; a position's choice is judged on the log-likelihood of the `window` ×
@@ -988,7 +1003,11 @@ class DapsModel(DapsPreTrainedModel):
             return token_window_sums(token_rewards.float(), (rows, columns), window)
 
         codes = codes.clone()
-        current, _ = self._reconstruction_log_likelihood(pixel_values, codes[:, None], per_token=True)  # (B, 1, L)
+        def score(candidates):                                        # (B, K, L) → per-token objective (B, K, L)
+            return self._reconstruction_log_likelihood(pixel_values, candidates, per_token=True,
+                                                       objective=objective)[0]
+
+        current = score(codes[:, None])                                                                # (B, 1, L)
         for _ in range(num_sweeps):
             changed = False
             for members in (colour == c for c in range(stride * stride)):
@@ -998,14 +1017,13 @@ class DapsModel(DapsPreTrainedModel):
                 if not bool(fresh.any()):
                     continue
                 candidates = torch.where(members, tried, codes[:, None])                               # (B, N, L)
-                scores, _ = self._reconstruction_log_likelihood(pixel_values, candidates, per_token=True)
-                scores = credited(scores).masked_fill(~fresh, float("-inf"))
+                scores = credited(score(candidates)).masked_fill(~fresh, float("-inf"))
                 top, choice = scores.max(dim=1)                                                         # (B, L)
                 move = members & (top > credited(current)[:, 0])
                 if not bool(move.any()):
                     continue
                 proposal = torch.where(move, tried.gather(1, choice[:, None])[:, 0], codes)
-                proposed, _ = self._reconstruction_log_likelihood(pixel_values, proposal[:, None], per_token=True)
+                proposed = score(proposal[:, None])
                 better = proposed.sum(-1)[:, 0] > current.sum(-1)[:, 0]                                 # (B,)
                 if bool(better.any()):
                     codes = torch.where(better[:, None], proposal, codes)
@@ -1097,8 +1115,13 @@ class DapsModel(DapsPreTrainedModel):
         The decoder's receptive field is wider than one cell, so this is the reward *located* at each token, not a
         reward that depends on that token alone.
         """
+        self.check_token_cells()
+        return self._split_over_tokens(self._pixel_log_likelihood(pixel_values, parameters))
+
+    def _split_over_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-value scores (N, C, H, W) → their sums over each token's block of the code grid, (N, L)."""
         rows, columns = self.check_token_cells()
-        values = self._pixel_log_likelihood(pixel_values, parameters).sum(1)        # (N, H, W)
+        values = values.sum(1)                                                        # (N, H, W)
         n, height, width = values.shape
         blocks = values.reshape(n, rows, height // rows, columns, width // columns)
         return blocks.sum(dim=(2, 4)).reshape(n, rows * columns)
@@ -1112,8 +1135,10 @@ class DapsModel(DapsPreTrainedModel):
         reward = self._reconstruction_log_likelihood(pixel_values, codes.long())[0]
         return reward[:, 0] if unbatched else reward
 
-    def _reconstruction_log_likelihood(self, pixel_values, codes, per_token: bool = False):
+    def _reconstruction_log_likelihood(self, pixel_values, codes, per_token: bool = False,
+                                       objective: str = "likelihood"):
         """codes (B, K, L) → log p(x | z) (B, K), or (B, K, L) split over tokens with `per_token`; and the means.
+        With `objective="squared_error"`, minus the squared error of the means in place of log p(x | z).
 
         Each distinct code of an image is decoded once: a sharp encoder draws the same code several times (late in
         training, or among search candidates), and its copies share one decode; the copies' gradients sum into it
@@ -1135,10 +1160,11 @@ class DapsModel(DapsPreTrainedModel):
         if index is None:
             targets = pixel_values[:, None].expand(b, k, *image_shape).reshape(b * k, *image_shape)
         parameters = self.likelihood_parameters(self.embed_codes(flat_codes))
-        if per_token:
-            reward = self.token_log_likelihood(targets, parameters)                    # (N, L)
+        if objective == "likelihood":
+            values = self._pixel_log_likelihood(targets, parameters)                   # (N, C, H, W)
         else:
-            reward = self.log_likelihood(targets, parameters)                          # (N,)
+            values = -(targets.to(parameters.pixel_values.dtype) - parameters.pixel_values).pow(2)
+        reward = self._split_over_tokens(values) if per_token else values.flatten(1).sum(1)  # (N, L) or (N,)
         means = parameters.pixel_values
         if index is not None:
             return reward[index], means[index]                                          # (B, K, ...) again

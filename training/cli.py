@@ -91,6 +91,8 @@ def _add_search_arguments(parser: argparse.ArgumentParser, choices: tuple[str, .
                              "(`DapsModel.encode(search=...)`); default: greedy codes")
     parser.add_argument("--num-candidates", type=int, default=4, help="codes tried per position (default 4)")
     parser.add_argument("--num-sweeps", type=int, default=1, help="passes over the positions (default 1)")
+    parser.add_argument("--search-objective", choices=("likelihood", "squared_error"), default="likelihood",
+                        help="what the search maximises: log p(x | z) (default) or minus the squared error (PSNR)")
 
 
 def cmd_reconstruct(argv: list[str]) -> int:
@@ -115,7 +117,7 @@ def cmd_reconstruct(argv: list[str]) -> int:
             raise SystemExit(f"error: cannot read image {path}: {error}")
     pixel_values = processor(pictures, return_tensors="pt").pixel_values
     search = {} if args.search is None else dict(search=args.search, num_candidates=args.num_candidates,
-                                                 num_sweeps=args.num_sweeps)
+                                                 num_sweeps=args.num_sweeps, search_objective=args.search_objective)
     codes = model.encode(pixel_values, **search).codes
     reconstruction = model.decode(codes).pixel_values
     originals = processor.postprocess(pixel_values, output_type="pt")
@@ -153,7 +155,8 @@ def cmd_tokenize(argv: list[str]) -> int:
         dataset = dataset[args.split]
     tokenized = tokenize_dataset(dataset, model, processor, image_column=args.image_column,
                                  batch_size=args.batch_size, num_proc=args.num_proc, search=args.search,
-                                 num_candidates=args.num_candidates, num_sweeps=args.num_sweeps)
+                                 num_candidates=args.num_candidates, num_sweeps=args.num_sweeps,
+                                 search_objective=args.search_objective)
     if args.output.endswith(".parquet"):
         tokenized.to_parquet(args.output)
     else:
