@@ -988,7 +988,7 @@ class DapsModel(DapsPreTrainedModel):
 
     def _parallel_local_search(self, pixel_values, memory, codes, num_candidates, num_sweeps, stride: int = 3,
                                window: int = 3, objective: str = "likelihood"):
-        """Coordinate ascent on log p(x | z) from `codes` (B, L), many positions per decode: see
+        """Coordinate ascent on log p(x | z) (or `objective`) from `codes` (B, L), many positions per decode: see
         `encode(search="parallel")`. Positions of one colour of the (row mod `stride`, column mod `stride`) grid
         colouring are tried together; a position's choice is judged on the log-likelihood of the `window` ×
         `window` grid cells centred on it (`token_log_likelihood`), which with `window` ≤ `stride` no other
@@ -1002,11 +1002,11 @@ class DapsModel(DapsPreTrainedModel):
         def credited(token_rewards: torch.Tensor) -> torch.Tensor:    # (B, K, L) → summed over the window
             return token_window_sums(token_rewards.float(), (rows, columns), window)
 
-        codes = codes.clone()
         def score(candidates):                                        # (B, K, L) → per-token objective (B, K, L)
             return self._reconstruction_log_likelihood(pixel_values, candidates, per_token=True,
                                                        objective=objective)[0]
 
+        codes = codes.clone()
         current = score(codes[:, None])                                                                # (B, 1, L)
         for _ in range(num_sweeps):
             changed = False
