@@ -526,3 +526,25 @@ def test_marginal_usage_loss_rejects_bad_shapes():
         objective.marginal_usage_loss(torch.zeros(2, 3, 4), torch.ones(2, 3) / 3)
     with pytest.raises(ValueError):
         objective.marginal_usage_loss(torch.zeros(2, 3, 4, 5), torch.ones(2, 2) / 2)
+
+
+def test_enumerated_options_get_q_star_itself_within_the_exact_kl_trust_region():
+    torch.manual_seed(0)
+    rewards = torch.randn(64, 4) * 20
+    log_q = torch.log_softmax(torch.randn(64, 4) * 5, -1)
+    beta = 0.5
+    eta = objective.solve_eta_kl(rewards, log_q, beta, target_kl=0.3)
+    weights = objective.enumerated_weights(rewards, log_q, beta, eta)
+    # q*(j) ∝ q(j)·exp((A_j − β log q(j))/(η + β)), written out; its mean KL from q is the target.
+    expected = torch.softmax(log_q + (rewards - beta * log_q) / (eta + beta), -1)
+    torch.testing.assert_close(weights, expected)
+    kl = (expected * (expected.log() - log_q)).sum(-1)
+    torch.testing.assert_close(objective.trust_region_kl(rewards, log_q, beta, eta), kl)
+    assert abs(float(kl.mean()) - 0.3) < 1e-3
+    # Larger η, smaller step: the KL falls monotonically towards 0 (q* → q).
+    kls = [float(objective.trust_region_kl(rewards, log_q, beta, value).mean()) for value in (0.1, 1.0, 10.0, 1e6)]
+    assert kls == sorted(kls, reverse=True) and kls[-1] < 1e-4
+    # A target wider than the whole move gives the smallest η.
+    assert objective.solve_eta_kl(rewards, log_q, beta, target_kl=1e3) == objective.ETA_MIN
+    with pytest.raises(ValueError, match="target_kl"):
+        objective.solve_eta_kl(rewards, log_q, beta, target_kl=0.0)

@@ -581,3 +581,101 @@ def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path
                 dict(code_embedding="random"), dict(code_head="tree")):
         with pytest.raises(ValueError, match="code_embedding|code_head"):
             build_config(resolve_defaults(tiny_args(tmp_path, **bad)), image_size=8, num_channels=1)
+
+
+def _local_method(model, **overrides):
+    from training import objective
+    from training.methods import DapsMethod
+
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
+    settings = dict(decoder_weighting="posterior", proposal="local", local_candidates=2, local_colours=9)
+    settings.update(overrides)
+    return DapsMethod(model, 4, control, lambda progress: 0.0, **settings)
+
+
+def test_local_proposal_rewards_isolate_each_token_within_its_colour(tmp_path):
+    from tokenizer.modeling_daps import token_window_sums
+
+    torch.manual_seed(0)
+    model = _grid_model(tmp_path)                        # 4 × 4 grid: colour (row mod 3)·3 + column mod 3
+    method = _local_method(model)
+    b, length, n = 2, 16, 2
+    images = torch.rand(b, 1, 8, 8) * 2 - 1
+    options = torch.stack([torch.randperm(16)[:n + 1] for _ in range(b * length)]).view(b, length, n + 1)
+    drawn = torch.tensor([4, 0])                         # colour 4 = {(1, 1)}, colour 0 = the four corners
+    with torch.no_grad():
+        rewards, active = method._local_option_rewards(images, options, drawn)
+    assert rewards.shape == (b, length, n + 1)
+    assert active.nonzero().squeeze(1).tolist() == [0, 3, 5, 12, 15]
+    colour = [(t // 4 % 3) * 3 + t % 4 % 3 for t in range(length)]
+    for t in active.nonzero().squeeze(1).tolist():
+        for j in range(n + 1):
+            # Written out: every position of t's colour at its option j, the rest at option 0, judged on t's 3 × 3.
+            code = options[..., 0].clone()
+            same = [s for s in range(length) if colour[s] == colour[t]]
+            code[:, same] = options[:, same, j]
+            with torch.no_grad():
+                per_token = model.token_log_likelihood(images, model.decode(code))
+            expected = token_window_sums(per_token, (4, 4), 3)[:, t]
+            torch.testing.assert_close(rewards[:, t, j], expected, rtol=1e-5, atol=1e-3)
+
+
+def test_local_proposal_step_is_the_token_trust_region_update_around_the_greedy_code(tmp_path):
+    from training import objective
+
+    torch.manual_seed(1)
+    model = _grid_model(tmp_path)
+    method = _local_method(model, local_colours=3)
+    method.generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    stats = method(images, images, progress=0.5)
+    # Recompute the step from its parts: the same colours and draws (same generator seed), options, rewards and η.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        memory = model.encode_patches(images)
+        greedy = model._sample_from_memory(memory, None, 1.0, None)[0][:, 0]
+        log_probs = torch.log_softmax(model.code_logits(memory, greedy[:, None]), -1)[:, 0]
+        others = log_probs.scatter(-1, greedy[..., None], float("-inf")).topk(2, dim=-1).indices
+        options = torch.cat([greedy[..., None], others], -1)
+        drawn = torch.randperm(9, generator=generator)[:3]
+        rewards, active = method._local_option_rewards(images, options, drawn)
+        rows_rewards = rewards[:, active].reshape(-1, 3)
+        rows_log_q = log_probs.gather(-1, options)[:, active].reshape(-1, 3)
+    # q* on the listed options is q·exp((A − β log q)/(η + β)) normalised (β = 0 here), within KL ε of q.
+    eta = stats["eta"]
+    advantage = rows_rewards - rows_rewards.logsumexp(-1, keepdim=True)
+    weights = torch.softmax(rows_log_q + advantage / eta, -1)
+    torch.testing.assert_close(stats["encoder_loss"], -(weights * rows_log_q).sum() / 3, rtol=1e-4, atol=1e-3)
+    base = torch.softmax(rows_log_q, -1)
+    kl = (weights * (weights.log() - base.log())).sum(-1).mean()
+    assert abs(float(kl) - 1.0) < 0.01 and abs(float(stats["local_kl"]) - float(kl)) < 1e-3
+    # The decoder is fitted on the greedy code with each credited position's option drawn from q*.
+    improved = greedy.clone()
+    improved[:, active] = options[:, active].gather(-1, torch.multinomial(weights, 1, generator=generator).view(3, -1, 1))[..., 0]
+    with torch.no_grad():
+        expected_decoder = -model.reconstruction_log_likelihood(images, improved).mean()
+    torch.testing.assert_close(stats["decoder_loss"], expected_decoder)
+    assert float(stats["local_moved"]) == float((improved != greedy)[:, active].float().mean())
+    stats["loss"].backward()
+    assert model.code_transformer.head.weight.grad is not None
+    assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)
+
+
+def test_local_proposal_rejects_bad_settings_and_trains_end_to_end(tmp_path):
+    model = _grid_model(tmp_path)
+    with pytest.raises(ValueError, match="proposal must be"):
+        _local_method(model, proposal="nearby")
+    for name, bad in (("local_candidates", 0), ("local_candidates", 16), ("local_colours", 10), ("local_colours", 2.0)):
+        with pytest.raises(ValueError, match=name):
+            _local_method(model, **{name: bad})
+    with pytest.raises(ValueError, match="exploration"):
+        _local_method(model, exploration=0.1)
+    with pytest.raises(ValueError, match="local_kl"):
+        _local_method(model, local_kl=0.0)
+    mlp_config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    with pytest.raises(ValueError, match="conv decoder"):
+        _local_method(DapsModel(mlp_config))
+    metrics = train(tiny_args(tmp_path, preset="tiny", max_steps=4, proposal="local", usage_weight=0.3))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+    rows = [row for row in read_log(tmp_path / "run") if "encoder_loss" in row]
+    assert rows and all("local_moved" in row and "usage_kl" in row for row in rows)

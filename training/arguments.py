@@ -87,6 +87,15 @@ class TrainArguments:
                         "log-likelihood of the pixels under each token's cell of the conv decoder's grid)."})
     credit_window: int = field(default=1, metadata={"help": "DAPS with --credit token: odd side of the square of grid "
                                "cells credited to a token (1: its own cell; 3: with its 8 neighbours)."})
+    proposal: str = field(default="sampled", metadata={"help": "DAPS: where a step's candidates come from: 'sampled' "
+                          "(K whole sequences drawn from q, the paper's) or 'local' (single-token changes of the "
+                          "greedy code, each token weighed by its own trust-region update; conv decoder)."})
+    local_candidates: int = field(default=3, metadata={"help": "DAPS with --proposal local: N, the most probable "
+                                  "codes other than the greedy one tried at a position."})
+    local_colours: int = field(default=3, metadata={"help": "DAPS with --proposal local: how many of the 9 colours of "
+                               "the (row mod 3, column mod 3) code-grid colouring get candidates in a step."})
+    local_kl: float = field(default=1.0, metadata={"help": "DAPS with --proposal local: the trust region, mean "
+                            "KL(q* || q) in nats per credited token."})
     warm_start_steps: int = field(default=0, metadata={"help": "DAPS: the first N steps fit the encoder (maximum "
                                   "likelihood) and the decoder to patch k-means codes (V centroids of the pixel "
                                   "blocks under the tokens, fitted on the training images at the start and charged to "

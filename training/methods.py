@@ -27,6 +27,13 @@ from . import objective
 from .warm_start import fit_kmeans, nearest_codes, token_cells
 
 
+# Where a DAPS step's candidates come from (`DapsMethod(proposal=...)`).
+PROPOSALS = ("sampled", "local")
+# proposal "local": the code grid is coloured by (row mod 3, column mod 3); a token's reward is the log-likelihood of
+# the 3 × 3 cells around it, which contain no other token of its colour.
+LOCAL_STRIDE = 3
+
+
 def _require_quantizer(model, quantizer: str, method: str) -> None:
     if model.config.quantizer != quantizer:
         raise ValueError(f"{method} needs quantizer={quantizer!r}, got {model.config.quantizer!r}.")
@@ -78,6 +85,15 @@ class DapsMethod(nn.Module):
             (`decoder_gate_init`: exactly μ_c when 0). DAPS then trains from there.
         kmeans_temperature: τ > 0, the k-means start's pixel head becomes the mixture posterior at temperature τ
             (σ² → τσ²): τ > 1 starts q broader, so the K samples of a step differ. 1: the posterior itself.
+        proposal: where a step's candidates come from. "sampled" (the paper's): K whole code sequences drawn from q.
+            "local": single-token changes of the encoder's greedy code, each weighed by the trust-region update of
+            that token's conditional (see `_forward_local`); needs the conv decoder. K and M are then unused.
+        local_candidates: with proposal "local", N: the N most probable codes other than the greedy one that are
+            tried at a position.
+        local_colours: with proposal "local", how many of the 9 colours of the (row mod 3, column mod 3) colouring
+            of the code grid get candidates in a step (drawn afresh each step); 9: every position, every step.
+        local_kl: with proposal "local", ε of the trust region, in nats per credited token: η is solved so that the
+            mean KL(q* ‖ q) over the credited positions' options is ε.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
@@ -85,8 +101,24 @@ class DapsMethod(nn.Module):
                  update_samples: int | None = None, usage_weight: float = 0.0,
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
-                 kmeans_temperature: float = 1.0):
+                 kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
+                 local_colours: int = 3, local_kl: float = 1.0):
         super().__init__()
+        if proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}.")
+        for name, value, high in (("local_candidates", local_candidates, model.config.codebook_size - 1),
+                                  ("local_colours", local_colours, LOCAL_STRIDE**2)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}.")
+        if proposal == "local":
+            if credit != "sequence" or greedy_candidate or exploration > 0:
+                raise ValueError("proposal='local' makes its own candidates and credits each token: it cannot be "
+                                 "combined with credit='token', greedy_candidate or exploration.")
+            model.check_token_cells()
+        if not (math.isfinite(local_kl) and local_kl > 0):
+            raise ValueError(f"local_kl must be a finite number > 0, got {local_kl}.")
+        self.proposal, self.local_candidates, self.local_colours = proposal, local_candidates, local_colours
+        self.local_kl = float(local_kl)
         if not (math.isfinite(kmeans_temperature) and kmeans_temperature > 0):
             raise ValueError(f"kmeans_temperature must be a finite number > 0, got {kmeans_temperature}.")
         self.kmeans_temperature = float(kmeans_temperature)
@@ -150,6 +182,8 @@ class DapsMethod(nn.Module):
         self._usage_now = self.usage_weight + (self.usage_weight_end - self.usage_weight) * min(max(progress, 0.0), 1.0)
         if self.steps_done < self.warm_start_steps:
             return self._warm_start_step(pixel_values, targets, progress)
+        if self.proposal == "local":
+            return self._forward_local(pixel_values, targets, progress)
         if self.update_samples is not None or self.credit == "token":
             return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
@@ -257,6 +291,109 @@ class DapsMethod(nn.Module):
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach(), **extra)
+
+    def _forward_local(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+        """A DAPS step on single-token changes of the greedy code (proposal "local").
+
+        The paper's step samples K whole sequences from q. Once q is sharp they are almost all the greedy code (a
+        sample differs from it in under one token of 64 on the CIFAR-like crops; RESULTS.md, "Why a DAPS step cannot
+        find these codes"), so the K rewards say little, and whatever they say is one number for all L tokens. Here
+        the candidates are chosen instead, around the code evaluation uses:
+
+        1. The greedy code g (B, L), and the teacher-forced log q(· | g_<t, x) at every position (with gradient).
+        2. Options at position t: g_t, then the N most probable other codes there, (B, L, N + 1).
+        3. `local_colours` of the 9 colours of the (row mod 3, column mod 3) grid colouring are drawn for the step.
+           For each drawn colour and rank j = 1 … N, one candidate code is g with every position of that colour set
+           to its j-th option: 1 + C·N decodes per image, no gradient.
+        4. The reward of option j at position t is the log-likelihood of the 3 × 3 grid cells around t under the
+           candidate that changed t (g's own for j = 0). No other token of t's colour lies in those cells, so the
+           comparison isolates t's code (up to the decoder's receptive field beyond one cell).
+        5. Each such position is one row of N + 1 options, and its target is DAPS's closed form for that token's
+           conditional with the others held at g, restricted to the options: q*(j) ∝ q(j)·exp((A_j − β log q(j))/(η
+           + β)), A against the row's log-sum-exp. The options are listed, not sampled, so q* itself (not q*/q) is the
+           weight, and the trust region is its exact KL from q on the options: η is solved so that the mean over
+           rows is `local_kl` nats (for sampled candidates the ESS target ρK plays this part).
+        6. Encoder: weighted ML of the options, −Σ_rows Σ_j q*(j) log q(option_j | g_<t, x), per image.
+           Decoder: ML on z ~ q* (g with each credited position's option drawn from its q*), one decode with gradient.
+
+        The KL trust region and the weighted-ML projection are DAPS's; what changes is the candidate set and that
+        each token gets its own weights. With the usage term on, it sees the teacher-forced distributions on g.
+        """
+        model = self.model
+        n = self.local_candidates
+        memory = model.encode_patches(pixel_values)                                        # (B, P, d), with grad
+        with torch.no_grad():
+            greedy = model._sample_from_memory(memory.detach(), None, 1.0, None)[0]        # (B, 1, L)
+        log_probs = torch.log_softmax(model.code_logits(memory, greedy), dim=-1)         # (B, 1, L, V), with grad
+        greedy, token_log_probs = greedy[:, 0], log_probs[:, 0]
+        b = greedy.shape[0]
+        with torch.no_grad():
+            others = token_log_probs.detach().scatter(-1, greedy[..., None], float("-inf")).topk(n, dim=-1).indices
+            options = torch.cat([greedy[..., None], others], dim=-1)                     # (B, L, N + 1)
+            present = self._grid_colours().to(greedy.device).unique()     # fewer than 9 on a grid under 3 × 3
+            drawn = present[torch.randperm(present.numel(), generator=self.generator,
+                                           device=greedy.device)[:self.local_colours]]
+            option_rewards, active = self._local_option_rewards(targets, options, drawn)  # (B, L, N + 1), (L,)
+            rows_rewards = option_rewards[:, active].reshape(-1, n + 1)                    # (B·A, N + 1)
+        rows_log_q = token_log_probs.gather(-1, options)[:, active].reshape(-1, n + 1)     # with gradient
+        beta = self.beta_schedule(progress)
+        eta = objective.solve_eta_kl(self.gather(rows_rewards), self.gather(rows_log_q.detach().float()), beta,
+                                     self.local_kl)
+        weights = objective.enumerated_weights(rows_rewards, rows_log_q.detach().float(), beta, eta)   # q*, (B·A, N + 1)
+        self._pending = None                       # η is solved per step; nothing for a controller to learn
+        encoder_loss = -(weights * rows_log_q.float()).sum() / b
+        with torch.no_grad():
+            # z ~ q*: each credited position's option drawn from its q*, the other positions at g.
+            drawn_options = torch.multinomial(weights, 1, generator=self.generator).view(b, -1, 1)
+            best = options[:, active].gather(-1, drawn_options)[..., 0]                   # (B, A)
+            improved = greedy.clone()
+            improved[:, active] = best
+        rewards = model._reconstruction_log_likelihood(targets, improved[:, None])[0][:, 0]    # (B,), with grad
+        decoder_loss = -rewards.float().mean()
+        kl = objective.trust_region_kl(rows_rewards, rows_log_q.detach().float(), beta, eta)
+        extra = {"local_moved": (best != greedy[:, active]).float().mean(), "local_kl": kl.mean(),
+                 "local_weight_moved": 1 - weights[:, 0].mean()}
+        if self._usage_now > 0:
+            encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, log_probs.new_ones(b, 1))
+            extra.update(usage)
+        greedy_log_q = token_log_probs.detach().gather(-1, greedy[..., None]).sum((1, 2))[:, None]
+        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, greedy_log_q, improved[:, None],
+                                **extra)
+
+    def _grid_colours(self) -> torch.Tensor:
+        """(L,) the colour of each token in the (row mod 3, column mod 3) colouring of the code grid, in [0, 9)."""
+        columns = self.model.check_token_cells()[1]
+        position = torch.arange(self.model.config.num_tokens)
+        return (position // columns % LOCAL_STRIDE) * LOCAL_STRIDE + position % columns % LOCAL_STRIDE
+
+    def _local_option_rewards(self, targets: torch.Tensor, options: torch.Tensor, drawn: torch.Tensor):
+        """Steps 3-4 of `_forward_local`: the reward of each option at each position of the drawn colours.
+
+        Args:
+            targets: images (B, C, H, W). options: (B, L, N + 1) codes, the current code first at every position.
+            drawn: the colours of the (row mod 3, column mod 3) grid colouring that get candidates, (C,) in [0, 9).
+
+        Returns:
+            rewards (B, L, N + 1): at a position t of a drawn colour, entry j is the log-likelihood of the 3 × 3 grid
+            cells around t under the code whose positions of t's colour are all at their option j (the others at
+            option 0); meaningless elsewhere. active (L,): whether t's colour was drawn.
+        """
+        model = self.model
+        grid = model.check_token_cells()
+        b, length, width = options.shape
+        n = width - 1
+        current = options[..., 0]                                                          # (B, L)
+        members = self._grid_colours().to(options.device)[None] == drawn[:, None]          # (C, L)
+        # Candidate (c, j): the current code with colour c's positions at their option j, (B, C·N, L); current first.
+        changed = torch.where(members[None, :, None], options.permute(0, 2, 1)[:, None, 1:], current[:, None, None])
+        candidates = torch.cat([current[:, None], changed.reshape(b, -1, length)], dim=1)
+        token_rewards = model._reconstruction_log_likelihood(targets, candidates, per_token=True)[0]
+        credited = token_window_sums(token_rewards.float(), grid, LOCAL_STRIDE)            # (B, 1 + C·N, L)
+        slot = members.float().argmax(0)                                                   # (L,) t's drawn colour
+        index = 1 + slot[:, None] * n + torch.arange(n, device=options.device)             # (L, N)
+        index = torch.cat([torch.zeros_like(index[:, :1]), index], dim=1)                  # (L, N + 1)
+        rewards = credited.gather(1, index.t()[None].expand(b, -1, -1)).permute(0, 2, 1)   # (B, L, N + 1)
+        return rewards, members.any(0)
 
     def _token_encoder_loss(self, memory: torch.Tensor, codes: torch.Tensor, token_rewards: torch.Tensor,
                             beta: float):

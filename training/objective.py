@@ -60,6 +60,9 @@ __all__ = [
     "mean_ess",
     "normalized_weights",
     "solve_eta",
+    "enumerated_weights",
+    "trust_region_kl",
+    "solve_eta_kl",
 ]
 
 
@@ -308,12 +311,15 @@ def _mean_ess_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor,
 
 # ----------------------------------------------------------------------------------------------- η: exact solve
 def _solve_log_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, tolerance: float,
-                   grid_size: int = 17, max_rounds: int = 15, offset: Tensor | None = None) -> dict:
+                   grid_size: int = 17, max_rounds: int = 15, offset: Tensor | None = None,
+                   statistic=_mean_ess_of_advantages) -> dict:
     """Find η with mean ESS(η) = target by a vectorised bisection on log η over [ETA_MIN, ETA_MAX].
 
     ESS depends on η only through the temperature η + β of a softmax, and grows monotonically with it. Each round
     evaluates `grid_size` evenly spaced log η in the current bracket at once and keeps the sub-interval where the
     ESS crosses the target: log2(grid_size − 1) = 4 bisection steps per host synchronisation, 15 rounds = 60 steps.
+    `statistic(advantages, log_q, beta, etas (G, 1, 1), offset) → (G,)` may replace the mean ESS by any batch
+    statistic that grows with η (`solve_eta_kl` passes minus the mean KL); "ess" in the result is its value.
     """
     _check_samples("rewards", rewards)
     _check_same_shape("rewards", rewards, "log_q", log_q)
@@ -327,7 +333,7 @@ def _solve_log_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: floa
         for round_ in range(1, max_rounds + 1):
             grid = torch.linspace(low, high, grid_size, dtype=torch.float64, device=scores.device)
             etas = grid.exp().view(-1, *([1] * scores.dim()))  # (G, 1, 1)
-            ess = _mean_ess_of_advantages(scores, log_q, beta, etas, offset)  # (G,)
+            ess = statistic(scores, log_q, beta, etas, offset)  # (G,)
             ess, grid = ess.tolist(), grid.tolist()  # the one synchronisation of the round
             if round_ == 1:
                 if ess[0] >= target_ess - tolerance:  # already wide enough at the smallest η
@@ -359,6 +365,52 @@ def solve_eta(rewards: Tensor, log_q: Tensor, beta: float, target_ess: float, to
     num_samples = rewards.shape[-1]
     tolerance = 1e-3 * num_samples if tolerance is None else tolerance
     return _solve_log_eta(rewards, log_q, beta, target_ess, tolerance, offset=offset)["eta"]
+
+
+# ----------------------------------------------------------------------------------------------- enumerated options
+# A step that enumerates a few options of one token (DapsMethod's proposal "local") knows their q exactly instead of
+# sampling them: q* restricted to the options is then computed, not importance-weighted, and the trust region is its
+# exact KL from q restricted to the same options.
+def enumerated_weights(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+    """q* on enumerated options (N, K): softmax_k((A + η ℓ) / (η + β)) = q · exp((A − β ℓ)/(η + β)), normalised.
+
+    The log-weights of `daps_weights` with the offset log q: those are q*/q for codes sampled from q; for codes that
+    were listed rather than drawn, q* itself is the weight. Detached, float32 at least, rows summing to 1.
+    """
+    with torch.no_grad():
+        _check_same_shape("rewards", rewards, "log_q", log_q)
+        return normalized_weights(log_weights(advantages(rewards.detach()), log_q.detach(), beta, eta,
+                                              offset=log_q.detach())).detach()
+
+
+def _mean_neg_kl_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+                               offset: Tensor | None = None) -> Tensor:
+    """−mean_i KL(q*_i ‖ q_i) over enumerated options, q_i the options' q renormalised; grows with η."""
+    log_star = torch.log_softmax(log_weights(scores, log_q, beta, eta, offset=log_q), dim=-1)
+    log_base = torch.log_softmax(_upcast(log_q), dim=-1)
+    terms = torch.where(torch.isfinite(log_star), log_star.exp() * (log_star - log_base), 0.0)
+    return -terms.sum(-1).mean(-1)
+
+
+def trust_region_kl(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+    """KL(q* ‖ q) per row of enumerated options (N, K) → (N,), in nats, q renormalised over each row's options."""
+    _check_same_shape("rewards", rewards, "log_q", log_q)
+    with torch.no_grad():
+        log_star = torch.log(enumerated_weights(rewards, log_q, beta, eta))
+        log_base = torch.log_softmax(_upcast(log_q.detach()), dim=-1)
+        return torch.where(torch.isfinite(log_star), log_star.exp() * (log_star - log_base), 0.0).sum(-1)
+
+
+def solve_eta_kl(rewards: Tensor, log_q: Tensor, beta: float, target_kl: float, tolerance: float | None = None) -> float:
+    """η with mean KL(q* ‖ q) = target_kl over rows of enumerated options (N, K), by the same bisection as
+    `solve_eta` (the KL falls monotonically as η grows: q* moves along the geometric path from exp(A/β) to q).
+
+    Returns ETA_MIN when even the smallest η keeps the mean KL within the target (the whole move fits).
+    """
+    if not (math.isfinite(target_kl) and target_kl > 0):
+        raise ValueError(f"target_kl must be a finite number > 0, got {target_kl}.")
+    tolerance = 1e-3 * target_kl if tolerance is None else tolerance
+    return _solve_log_eta(rewards, log_q, beta, -target_kl, tolerance, statistic=_mean_neg_kl_of_advantages)["eta"]
 
 
 # ----------------------------------------------------------------------------------------------- η: controllers

@@ -215,7 +215,9 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           warm_start_steps=args.warm_start_steps,
                           kmeans_init=args.kmeans_init if args.kmeans_init is not None
                           else bool(model.config.pixel_paths and not args.init_from),
-                          kmeans_temperature=args.kmeans_temperature)
+                          kmeans_temperature=args.kmeans_temperature, proposal=args.proposal,
+                          local_candidates=args.local_candidates, local_colours=args.local_colours,
+                          local_kl=args.local_kl)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
