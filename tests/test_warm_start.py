@@ -238,3 +238,20 @@ def test_kmeans_temperature_divides_the_pixel_head():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="kmeans_temperature"):
             DapsMethod(_pixel_model(), 4, control, lambda progress: 0.5, kmeans_init=True, kmeans_temperature=bad)
+
+
+def test_fixed_code_blocks_keep_the_decoder_table_at_the_kmeans_blocks_through_training(tmp_path):
+    control = objective.make_eta_control("bisection", rho=0.5, num_samples=4)
+    with pytest.raises(ValueError, match="kmeans_init"):
+        DapsMethod(_pixel_model(), 4, control, lambda progress: 0.5, fixed_code_blocks=True)
+    metrics = train(tiny_args(tmp_path, preset="tiny", num_tokens=16, patch_size=2, max_steps=6, num_samples=4,
+                              pixel_paths=True, aligned_patches=True, kmeans_init=True, fixed_code_blocks=True,
+                              save_every=3))
+    assert metrics["steps"] == 6 and metrics["skipped_updates"] == 0
+    table = DapsModel.from_pretrained(tmp_path / "run").code_embedding.weight
+    blocks = table.shape[1] - 4                                     # the tiny preset's 2 × 2 grey blocks
+    assert table[:, :blocks].abs().max() == 0                       # the learned part stays zero
+    # The blocks are the k-means centroids the run started from: the table after 3 steps equals the one after 6.
+    first = load_file(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[0] / "model.safetensors")
+    assert torch.equal(first["model.code_embedding.weight"], table.detach())
+    assert table[:, blocks:].abs().sum() > 0

@@ -87,6 +87,9 @@ class TrainArguments:
                         "log-likelihood of the pixels under each token's cell of the conv decoder's grid)."})
     credit_window: int = field(default=1, metadata={"help": "DAPS with --credit token: odd side of the square of grid "
                                "cells credited to a token (1: its own cell; 3: with its 8 neighbours)."})
+    fixed_code_blocks: bool = field(default=False, metadata={"help": "DAPS with the k-means start: the decoder reads "
+                                    "each code as its k-means pixel block only (the code table's learned part zeroed "
+                                    "and the table not trained)."})
     proposal: str = field(default="sampled", metadata={"help": "DAPS: where a step's candidates come from: 'sampled' "
                           "(K whole sequences drawn from q, the paper's) or 'local' (single-token changes of the "
                           "greedy code, each token weighed by its own trust-region update; conv decoder)."})

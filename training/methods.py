@@ -92,6 +92,9 @@ class DapsMethod(nn.Module):
             tried at a position.
         local_colours: with proposal "local", how many of the 9 colours of the (row mod 3, column mod 3) colouring
             of the code grid get candidates in a step (drawn afresh each step); 9: every position, every step.
+        fixed_code_blocks: with `kmeans_init`, the decoder reads each code as its k-means pixel block and nothing
+            else: the learned part of the code table is zeroed and the table is not trained, so the decoder network
+            refines the k-means image instead of learning a free vector per code.
         local_kl: with proposal "local", ε of the trust region, in nats per credited token: η is solved so that the
             mean KL(q* ‖ q) over the credited positions' options is ε.
     """
@@ -102,8 +105,15 @@ class DapsMethod(nn.Module):
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
                  kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
-                 local_colours: int = 3, local_kl: float = 1.0):
+                 local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False):
         super().__init__()
+        if fixed_code_blocks:
+            if not kmeans_init:
+                raise ValueError("fixed_code_blocks keeps the decoder's code table at the k-means blocks: it needs "
+                                 "kmeans_init=True.")
+            # Not trained from the first step on (and on resume, where the zeroed table comes from the checkpoint).
+            model.code_embedding.weight.requires_grad_(False)
+        self.fixed_code_blocks = bool(fixed_code_blocks)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}.")
         for name, value, high in (("local_candidates", local_candidates, model.config.codebook_size - 1),
@@ -512,6 +522,8 @@ class DapsMethod(nn.Module):
             model.decoder.output_bias[config.num_channels:] = math.log(fraction / (1 - fraction))
         weight = model.code_embedding.weight
         weight[:, weight.shape[1] - blocks.shape[1]:] = blocks.to(weight.dtype)
+        if self.fixed_code_blocks:
+            weight[:, :weight.shape[1] - blocks.shape[1]] = 0.0   # the decoder reads the block and nothing else
 
     def _warm_start_step(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         """A warm-start step: each image's k-means code z (B, L), the nearest centroid of each token's pixel block,

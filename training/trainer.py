@@ -217,7 +217,7 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           else bool(model.config.pixel_paths and not args.init_from),
                           kmeans_temperature=args.kmeans_temperature, proposal=args.proposal,
                           local_candidates=args.local_candidates, local_colours=args.local_colours,
-                          local_kl=args.local_kl)
+                          local_kl=args.local_kl, fixed_code_blocks=args.fixed_code_blocks)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
