@@ -100,6 +100,14 @@ def token_window_sums(token_values: torch.Tensor, grid: tuple[int, int], window:
     return summed.reshape(token_values.shape)
 
 
+def grid_colours(grid: tuple[int, int], stride: int, device=None) -> torch.Tensor:
+    """(L,) each token's colour in the (row mod `stride`, column mod `stride`) colouring of the (rows, columns) code
+    grid, raster order: `stride`² colours, and two tokens of one colour are at least `stride` cells apart."""
+    rows, columns = grid
+    position = torch.arange(rows * columns, device=device)
+    return (position // columns % stride) * stride + position % columns % stride
+
+
 # ----------------------------------------------------------------------------------------------- building blocks
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Probabilities and likelihoods are computed in fp32 (or fp64 for an fp64 model), never in bf16/fp16."""
@@ -996,8 +1004,7 @@ class DapsModel(DapsPreTrainedModel):
         rows, columns = self.check_token_cells()
         b, length = codes.shape
         tried = self._search_candidates(memory, codes, num_candidates).permute(0, 2, 1)               # (B, N, L)
-        position = torch.arange(length, device=codes.device)
-        colour = (position // columns % stride) * stride + position % columns % stride                  # (L,)
+        colour = grid_colours((rows, columns), stride, codes.device)                                   # (L,)
 
         def credited(token_rewards: torch.Tensor) -> torch.Tensor:    # (B, K, L) → summed over the window
             return token_window_sums(token_rewards.float(), (rows, columns), window)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizer.modeling_daps import DapsModelOutput, token_window_sums
+from tokenizer.modeling_daps import DapsModelOutput, grid_colours, token_window_sums
 
 from . import objective
 from .warm_start import fit_kmeans, nearest_codes, token_cells
@@ -340,7 +340,7 @@ class DapsMethod(nn.Module):
         with torch.no_grad():
             others = token_log_probs.detach().scatter(-1, greedy[..., None], float("-inf")).topk(n, dim=-1).indices
             options = torch.cat([greedy[..., None], others], dim=-1)                     # (B, L, N + 1)
-            present = self._grid_colours().to(greedy.device).unique()     # fewer than 9 on a grid under 3 × 3
+            present = grid_colours(model.check_token_cells(), LOCAL_STRIDE, greedy.device).unique()   # < 9 on small grids
             drawn = present[torch.randperm(present.numel(), generator=self.generator,
                                            device=greedy.device)[:self.local_colours]]
             option_rewards, active = self._local_option_rewards(targets, options, drawn)  # (B, L, N + 1), (L,)
@@ -355,13 +355,13 @@ class DapsMethod(nn.Module):
         with torch.no_grad():
             # z ~ q*: each credited position's option drawn from its q*, the other positions at g.
             drawn_options = torch.multinomial(weights, 1, generator=self.generator).view(b, -1, 1)
-            best = options[:, active].gather(-1, drawn_options)[..., 0]                   # (B, A)
+            chosen = options[:, active].gather(-1, drawn_options)[..., 0]                 # (B, A)
             improved = greedy.clone()
-            improved[:, active] = best
+            improved[:, active] = chosen
         rewards = model._reconstruction_log_likelihood(targets, improved[:, None])[0][:, 0]    # (B,), with grad
         decoder_loss = -rewards.float().mean()
         kl = objective.trust_region_kl(rows_rewards, rows_log_q.detach().float(), beta, eta)
-        extra = {"local_moved": (best != greedy[:, active]).float().mean(), "local_kl": kl.mean(),
+        extra = {"local_moved": (chosen != greedy[:, active]).float().mean(), "local_kl": kl.mean(),
                  "local_weight_moved": 1 - weights[:, 0].mean()}
         if self._usage_now > 0:
             encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, log_probs.new_ones(b, 1))
@@ -369,12 +369,6 @@ class DapsMethod(nn.Module):
         greedy_log_q = token_log_probs.detach().gather(-1, greedy[..., None]).sum((1, 2))[:, None]
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, greedy_log_q, improved[:, None],
                                 **extra)
-
-    def _grid_colours(self) -> torch.Tensor:
-        """(L,) the colour of each token in the (row mod 3, column mod 3) colouring of the code grid, in [0, 9)."""
-        columns = self.model.check_token_cells()[1]
-        position = torch.arange(self.model.config.num_tokens)
-        return (position // columns % LOCAL_STRIDE) * LOCAL_STRIDE + position % columns % LOCAL_STRIDE
 
     def _local_option_rewards(self, targets: torch.Tensor, options: torch.Tensor, drawn: torch.Tensor):
         """Steps 3-4 of `_forward_local`: the reward of each option at each position of the drawn colours.
@@ -393,7 +387,7 @@ class DapsMethod(nn.Module):
         b, length, width = options.shape
         n = width - 1
         current = options[..., 0]                                                          # (B, L)
-        members = self._grid_colours().to(options.device)[None] == drawn[:, None]          # (C, L)
+        members = grid_colours(grid, LOCAL_STRIDE, options.device)[None] == drawn[:, None]  # (C, L)
         # Candidate (c, j): the current code with colour c's positions at their option j, (B, C·N, L); current first.
         changed = torch.where(members[None, :, None], options.permute(0, 2, 1)[:, None, 1:], current[:, None, None])
         candidates = torch.cat([current[:, None], changed.reshape(b, -1, length)], dim=1)
