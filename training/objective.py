@@ -383,22 +383,24 @@ def enumerated_weights(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta
                                               offset=log_q.detach())).detach()
 
 
-def _mean_neg_kl_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
-                               offset: Tensor | None = None) -> Tensor:
-    """−mean_i KL(q*_i ‖ q_i) over enumerated options, q_i the options' q renormalised; grows with η."""
+def _enumerated_kl(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
+    """KL(q* ‖ q) per row of enumerated options from advantages, (..., N, K) → (..., N); q renormalised per row."""
     log_star = torch.log_softmax(log_weights(scores, log_q, beta, eta, offset=log_q), dim=-1)
     log_base = torch.log_softmax(_upcast(log_q), dim=-1)
-    terms = torch.where(torch.isfinite(log_star), log_star.exp() * (log_star - log_base), 0.0)
-    return -terms.sum(-1).mean(-1)
+    return torch.where(torch.isfinite(log_star), log_star.exp() * (log_star - log_base), 0.0).sum(-1)
+
+
+def _mean_neg_kl_of_advantages(scores: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor,
+                               offset: Tensor | None = None) -> Tensor:
+    """−mean KL(q* ‖ q) over rows of enumerated options: the bisection's statistic for `solve_eta_kl` (grows with η)."""
+    return -_enumerated_kl(scores, log_q, beta, eta).mean(-1)
 
 
 def trust_region_kl(rewards: Tensor, log_q: Tensor, beta: float | Tensor, eta: float | Tensor) -> Tensor:
     """KL(q* ‖ q) per row of enumerated options (N, K) → (N,), in nats, q renormalised over each row's options."""
     _check_same_shape("rewards", rewards, "log_q", log_q)
     with torch.no_grad():
-        log_star = torch.log(enumerated_weights(rewards, log_q, beta, eta))
-        log_base = torch.log_softmax(_upcast(log_q.detach()), dim=-1)
-        return torch.where(torch.isfinite(log_star), log_star.exp() * (log_star - log_base), 0.0).sum(-1)
+        return _enumerated_kl(advantages(rewards.detach()), log_q.detach(), beta, eta)
 
 
 def solve_eta_kl(rewards: Tensor, log_q: Tensor, beta: float, target_kl: float, tolerance: float | None = None) -> float:
