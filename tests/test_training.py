@@ -649,6 +649,7 @@ def test_local_proposal_step_is_the_token_trust_region_update_around_the_greedy_
     base = torch.softmax(rows_log_q, -1)
     kl = (weights * (weights.log() - base.log())).sum(-1).mean()
     assert abs(float(kl) - 1.0) < 0.01 and abs(float(stats["local_kl"]) - float(kl)) < 1e-3
+    assert stats["local_kl_target"] == 1.0 and "ess_target" not in stats
     # The decoder is fitted on the greedy code with each credited position's option drawn from q*.
     improved = greedy.clone()
     improved[:, active] = options[:, active].gather(-1, torch.multinomial(weights, 1, generator=generator).view(3, -1, 1))[..., 0]

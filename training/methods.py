@@ -367,8 +367,13 @@ class DapsMethod(nn.Module):
             encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, log_probs.new_ones(b, 1))
             extra.update(usage)
         greedy_log_q = token_log_probs.detach().gather(-1, greedy[..., None]).sum((1, 2))[:, None]
-        return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, greedy_log_q, improved[:, None],
-                                **extra)
+        stats = self._statistics(encoder_loss, decoder_loss, weights, eta, beta, greedy_log_q, improved[:, None],
+                                 **extra)
+        # The trust region here is the KL (`local_kl` against its target), not an ESS target of sampled candidates;
+        # `ess` stays as the effective number of options under q*.
+        del stats["ess_target"]
+        stats["local_kl_target"] = self.local_kl
+        return stats
 
     def _local_option_rewards(self, targets: torch.Tensor, options: torch.Tensor, drawn: torch.Tensor):
         """Steps 3-4 of `_forward_local`: the reward of each option at each position of the drawn colours.
