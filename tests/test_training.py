@@ -143,12 +143,14 @@ def _train_command(output_dir, max_steps, extra=()):
             "--progress", "false", "--num_threads", "1", *extra]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("step", [[], ["--preset", "tiny", "--proposal", "local"]], ids=["sampled", "local"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, step):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips and
-    # rotations, so that it must also see the augmented images it would have seen.
+    # rotations, so that it must also see the augmented images it would have seen; the local step draws its colours
+    # and options from the sampling generator, which must be restored too.
     schedule = ["--lr_schedule", "cosine", "--warmup_steps", "3",
-                "--augment_flip", "true", "--augment_rotate", "true"]
+                "--augment_flip", "true", "--augment_rotate", "true", *step]
     straight = tmp_path / "straight"
     subprocess.run(_train_command(straight, 30, schedule), check=True, env=env, capture_output=True, timeout=600)
 
