@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tokenizer import DapsModel  # noqa: E402
-from training.data import PHOTO_NAMES, load_image_splits  # noqa: E402
+from training.data import PHOTO_NAMES, load_image_splits, photo_fold  # noqa: E402
 from training.evaluation import psnr, to_unit_range  # noqa: E402
 from training.trainer import to_model_input  # noqa: E402
 
@@ -89,7 +89,7 @@ def main() -> None:
             error = reconstruction - images
             squared, colour = error.pow(2).flatten(1).mean(1), error.mean((2, 3)).pow(2).mean(1)   # (N,) each
             for label in ([None] if labels is None else labels.unique().tolist()):
-                source = ("all" if label is None else PHOTO_NAMES[label] if dataset == "photo-crops"
+                source = ("all" if label is None else PHOTO_NAMES[label] if photo_fold(dataset) is not None
                           else f"label {label}")
                 picked = torch.ones(len(images), dtype=torch.bool) if label is None else labels == label
                 detail.append(f"| {folder} | {split} | {codes} | {source} | {int(picked.sum())} | "

@@ -27,6 +27,8 @@ BUILTIN_DATASETS = {
     "digits": "scikit-learn handwritten digits, 8×8 grey",
     "photo-crops": "32×32 RGB crops of the scikit-image sample photographs (split by photo)",
     "faces": "scikit-image LFW subset (faces and non-faces), 25×25 grey",
+    **{f"photo-crops-fold{fold}": f"32×32 RGB crops of the scikit-image sample photographs (split by photo, held-out "
+                                  f"photographs rotated: fold {fold} of 4)" for fold in (1, 2, 3)},
 }
 METHODS = {
     "daps": "DAPS: autoregressive categorical encoder trained by policy search (no gradient through the decoder)",

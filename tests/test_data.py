@@ -55,9 +55,9 @@ def test_builtin_shapes_dtypes_ranges(name):
         n_train, n_val, n_test, c, size = EXPECTED[name]
         assert (len(s.train), len(s.validation), len(s.test)) == (n_train, n_val, n_test)
         assert (s.num_channels, s.image_size) == (c, size)
-    else:  # photo-crops
+    else:  # photo-crops and its folds (fold 2 trains on the four smallest photographs)
         assert (s.num_channels, s.image_size) == (3, 32)
-        assert 10_000 <= len(s.train) <= 30_000
+        assert 4_000 <= len(s.train) <= 30_000
         assert len(s.validation) >= 1000 and len(s.test) >= 1000
     line = s.describe()
     assert "\n" not in line and name in line
@@ -116,6 +116,33 @@ def test_photo_crops_split_by_source_photo():
         assert sources == photos[split], split
     train, val, test = (_rows(x) for x in _all_splits(s)[0])
     assert not (train & val) and not (train & test) and not (val & test)
+
+
+def test_photo_crop_folds_rotate_the_held_out_photographs():
+    from training.arguments import DATASET_PRESETS
+
+    assert data.photo_splits(0) == PHOTO_SPLITS
+    assert {name for pair in data.PHOTO_PAIRS for name in pair} == set(PHOTO_NAMES)
+    held = {name: [] for name in PHOTO_NAMES}
+    everything = None
+    for name, fold in data.PHOTO_FOLDS.items():
+        assignment = data.photo_splits(fold)
+        for photo, split in assignment.items():
+            held[photo].append(split)
+        s = load_image_splits(name)
+        for split, y in zip(("train", "validation", "test"), _all_splits(s)[1]):
+            assert {PHOTO_NAMES[i] for i in y.unique().tolist()} == {p for p, v in assignment.items() if v == split}
+        train, val, test = (_rows(x) for x in _all_splits(s)[0])
+        assert not (train & val) and not (train & test) and not (val & test)
+        assert everything is None or train | val | test == everything   # the same crops, assigned differently
+        everything = train | val | test
+        assert data.photo_fold(name) == fold and DATASET_PRESETS[name] == "cifar"   # daps train's preset for it
+    # Over the four folds every photograph is held out for test once and for validation once.
+    assert all(sorted(splits) == ["test", "train", "train", "validation"] for splits in held.values())
+    assert data.photo_fold("mnist-5k") is None
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(ValueError, match="fold"):
+            data.photo_splits(bad)
 
 
 def test_photo_crop_labels_name_the_photo_they_come_from():

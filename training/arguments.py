@@ -22,12 +22,14 @@ KMEANS_START_PRESETS = ("cifar", "imagenet")
 USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 
 # The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.
-DATASET_PRESETS = {"mnist-5k": "mnist", "digits": "mnist", "faces": "mnist", "photo-crops": "cifar"}
+DATASET_PRESETS = {"mnist-5k": "mnist", "digits": "mnist", "faces": "mnist", "photo-crops": "cifar",
+                   "photo-crops-fold1": "cifar", "photo-crops-fold2": "cifar", "photo-crops-fold3": "cifar"}
 
 
 @dataclass
 class TrainArguments:
-    dataset: str = field(default="mnist-5k", metadata={"help": "Built-in name (mnist-5k, digits, photo-crops, faces), "
+    dataset: str = field(default="mnist-5k", metadata={"help": "Built-in name (mnist-5k, digits, photo-crops, faces; "
+                         "photo-crops-fold1..3 hold out other photographs), "
                          "a local image folder, or a Hub dataset name."})
     preset: str | None = field(default=None, metadata={"help": "Model preset (mnist, cifar, imagenet, tiny); "
                                "default: chosen from the dataset, then adapted to its image size and channels."})

