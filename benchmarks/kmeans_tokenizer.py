@@ -1,6 +1,7 @@
 """Patch k-means as a tokenizer: the reference point of the k-means initialisation (`daps train --kmeans_init`).
 
-    python benchmarks/kmeans_tokenizer.py [--setting cifar] [--seeds 0 1 2] [--augment flip rotate channels]
+    python benchmarks/kmeans_tokenizer.py [--setting cifar] [--dataset photo-crops-fold2] [--seeds 0 1 2]
+        [--augment flip rotate channels]
 
 Fits the same k-means `--kmeans_init` fits (`training.warm_start.fit_kmeans` on the training images' pixel blocks
 under the tokens: V centroids, 15 Lloyd iterations on at most 200k blocks, k-means++ seeding), then tokenizes each
@@ -41,12 +42,14 @@ def reconstruct(images: torch.Tensor, centroids: torch.Tensor, num_tokens: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cifar")
+    parser.add_argument("--dataset", default=None, help="another dataset for the setting's preset, e.g. photo-crops-fold2")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--augment", nargs="*", default=[], choices=["flip", "rotate", "channels"],
                         help="fit k-means to augmented training images")
     options = parser.parse_args()
     torch.set_num_threads(1)
     dataset, preset = SETTINGS[options.setting]
+    dataset = options.dataset or dataset
     config = DapsConfig.from_preset(preset)
     splits = load_image_splits(dataset, seed=0)
     # The Gaussian presets work on [-1, 1], as `daps train` feeds the model; PSNR is measured back on [0, 1].

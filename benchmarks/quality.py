@@ -78,9 +78,11 @@ def run_one(name: str, dataset: str, preset: str, extra: list[str], budget: floa
     return folder
 
 
-def test_metrics(folder: Path, dataset: str, num_candidates: int, fid_images: int = 0) -> dict:
+def test_metrics(folder: Path, dataset: str, num_candidates: int, fid_images: int = 0,
+                 test_images: int | None = None) -> dict:
     """Held-out test-split metrics: greedy codes, one sample, best-of-n search for categorical encoders, and local
-    search (4 codes per position, one sweep) for every method."""
+    search (4 codes per position, one sweep) for every method. `test_images`: only the first N test images (the
+    split is shuffled, so a prefix is a uniform sample of it); None: all."""
     from tokenizer import DapsModel
     from training.data import binarize_fixed, load_image_splits
     from training.evaluation import evaluate, psnr, to_unit_range
@@ -89,7 +91,7 @@ def test_metrics(folder: Path, dataset: str, num_candidates: int, fid_images: in
     model = DapsModel.from_pretrained(folder).eval()
     config = model.config
     splits = load_image_splits(dataset, image_size=config.image_size, num_channels=config.num_channels)
-    images = splits.test
+    images = splits.test if test_images is None else splits.test[:test_images]
     targets = binarize_fixed(images, seed=0) if config.likelihood == "bernoulli" else None
     metrics = evaluate(model, images, binarized_targets=targets, generator=torch.Generator().manual_seed(0))
     if fid_images:
@@ -123,11 +125,14 @@ def test_metrics(folder: Path, dataset: str, num_candidates: int, fid_images: in
     return metrics
 
 
-def evaluate_in_child(folder: Path, dataset: str, num_candidates: int, fid_images: int, threads: int) -> dict:
+def evaluate_in_child(folder: Path, dataset: str, num_candidates: int, fid_images: int, threads: int,
+                      test_images: int | None = None) -> dict:
     """`test_metrics` in a child process with `threads` torch threads (so a finished run's evaluation overlaps the
     other runs' training); the child writes `test_metrics.json` into the run folder, which this returns."""
     command = [sys.executable, str(Path(__file__).resolve()), "--evaluate", str(folder), "--dataset", dataset,
                "--num-candidates", str(num_candidates), "--fid-images", str(fid_images), "--threads", str(threads)]
+    if test_images is not None:
+        command += ["--test-images", str(test_images)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with open(folder.parent / f"{folder.name}-evaluation.log", "w") as log:
         subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -140,7 +145,8 @@ def train_and_evaluate(job_name: str, seed: int, args, dataset: str, preset: str
     folder = run_folder(out, job_name, seed)
     if not (args.reuse and (folder / "metrics.json").exists()):
         folder = run_one(job_name, dataset, preset, extra, args.budget, seed, out, eval_every, args.threads)
-    return folder, evaluate_in_child(folder, dataset, args.num_candidates, args.fid_images, args.threads)
+    return folder, evaluate_in_child(folder, dataset, args.num_candidates, args.fid_images, args.threads,
+                                     args.test_images)
 
 
 def curve(folder: Path) -> list[tuple[float, float]]:
@@ -188,13 +194,21 @@ def main() -> None:
                              "earlier invocation was interrupted during its evaluation; evaluate them again.")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="FOLDER",
                         help="Internal: evaluate one trained folder on the test split and write test_metrics.json.")
-    parser.add_argument("--dataset", default=None, help="With --evaluate: the dataset the folder was trained on.")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="Test metrics on the first N test images only (a uniform sample: the split is "
+                             "shuffled); default all. The photo-crops folds' test splits hold up to 8,834 crops.")
+    parser.add_argument("--dataset", default=None,
+                        help="Train and test on this dataset instead of the setting's (same preset and batch), e.g. "
+                             "photo-crops-fold2 for the cifar setting with other held-out photographs. With --evaluate: "
+                             "the dataset the folder was trained on.")
     args = parser.parse_args()
+    if args.test_images is not None and args.test_images < 1:
+        parser.error(f"--test-images must be >= 1, got {args.test_images}.")
     if args.evaluate is not None:
         if args.dataset is None or not (args.evaluate / "config.json").exists():
             parser.error("--evaluate FOLDER needs --dataset and a trained tokenizer folder (with config.json).")
         torch.set_num_threads(args.threads)
-        metrics = test_metrics(args.evaluate, args.dataset, args.num_candidates, args.fid_images)
+        metrics = test_metrics(args.evaluate, args.dataset, args.num_candidates, args.fid_images, args.test_images)
         payload = {"num_candidates": args.num_candidates, "fid_images": args.fid_images, "metrics": metrics}
         temporary = args.evaluate / "test_metrics.json.tmp"
         temporary.write_text(json.dumps(payload, indent=1))
@@ -204,6 +218,7 @@ def main() -> None:
         args.budget, args.setting = 60, "mnist"
         args.methods = args.methods or ["daps", "fsq", "vq", "gumbel-na"]
     dataset, preset, extra = SETTINGS[args.setting]
+    dataset = args.dataset or dataset
     variants = {}
     for spec in args.variant:
         name, separator, flags = spec.partition("=")
@@ -254,7 +269,8 @@ def main() -> None:
              f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}` — {date.today()}, {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {args.threads} thread(s) per run, {args.parallel} runs side by side, "
              f"{args.budget:.0f} s of training each (process CPU time, `--time_clock process`), seeds {args.seeds}. Dataset `{dataset}`, preset `{preset}`; "
-             f"held-out **test** split; PSNR on [0, 1] images.", ""]
+             f"held-out **test** split" + (f" (its first {args.test_images} images)" if args.test_images else "")
+             + "; PSNR on [0, 1] images.", ""]
     search_key = f"psnr_best_of_{args.num_candidates}"
     lines += ["| run | steps | val PSNR | test PSNR greedy (dB) | PSNR 1 sample | PSNR best-of-" + str(args.num_candidates)
               + " | PSNR searched, 4×1 (s/img) | SSIM" + (f" | FID ({args.fid_images} imgs)" if args.fid_images else "")
