@@ -43,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cifar")
     parser.add_argument("--dataset", default=None, help="another dataset for the setting's preset, e.g. photo-crops-fold2")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="test PSNR on the first N test images only, as quality.py --test-images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--augment", nargs="*", default=[], choices=["flip", "rotate", "channels"],
                         help="fit k-means to augmented training images")
@@ -71,6 +73,8 @@ def main() -> None:
         scores = {}
         for name in ("train", "validation", "test"):
             images = getattr(splits, name)
+            if name == "test" and options.test_images is not None:
+                images = images[:options.test_images]
             codes, reconstruction = reconstruct(to_model(images), centroids, config.num_tokens)
             scores[name] = float(psnr(to_unit(reconstruction).clamp(0, 1), images).mean())
             usage = codes.unique().numel() / config.codebook_size
