@@ -53,9 +53,6 @@ __all__ = [
     "photo_splits",
 ]
 
-BUILTIN_DATASETS = ("mnist-5k", "digits", "photo-crops", "faces", "photo-crops-fold1", "photo-crops-fold2",
-                    "photo-crops-fold3")
-
 # photo-crops: which scikit-image photograph feeds which split. Validation and test photos are never seen in
 # training. `cat` is left out: it is the same photograph as `chelsea`. `skin`, `lily` and `kidney` need pooch
 # (a download) and are not used.
@@ -81,8 +78,9 @@ PHOTO_PAIRS: tuple[tuple[str, str], ...] = (
     ("astronaut", "hubble_deep_field"),
     ("retina", "colorwheel"),
 )
-PHOTO_FOLDS: dict[str, int] = {"photo-crops": 0, "photo-crops-fold1": 1, "photo-crops-fold2": 2,
-                               "photo-crops-fold3": 3}
+PHOTO_FOLDS: dict[str, int] = {"photo-crops": 0,
+                               **{f"photo-crops-fold{fold}": fold for fold in range(1, len(PHOTO_PAIRS))}}
+BUILTIN_DATASETS = ("mnist-5k", "digits", "photo-crops", "faces", *list(PHOTO_FOLDS)[1:])
 PHOTO_CROP_SIZE = 32
 PHOTO_CROP_STRIDE = 16
 PHOTO_SCALES = (1, 2, 4)  # each photo is box-downscaled (area average) by these factors before cropping
