@@ -1,0 +1,40 @@
+"""Smoke tests of the benchmark scripts: they run end to end and write the tables their reports are read from.
+
+Figures are never checked (timings on a shared machine are noise); the structure of the report is: the machine's
+limit, the inference and training tables, the step-time ratios and the FLOP counts that issue #6 asks for.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_writes_every_table(tmp_path):
+    output = tmp_path / "speed.md"
+    command = [sys.executable, "benchmarks/speed.py", "--quick", "--presets", "tiny", "--methods", "daps", "vq",
+               "--num-samples", "4", "--dtype", "fp32", "bf16", "--default-train-steps", "0", "--gemm-size", "128",
+               "--section-budget-s", "1", "--runs-dir", str(tmp_path / "runs"), "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = output.read_text()
+    # The command that produced the report is in it, so a recorded run can be repeated.
+    assert "benchmarks/speed.py --quick --presets tiny" in report
+    for heading in ("## Machine limit", "## Inference", "## Training steps", "## FLOPs per image"):
+        assert heading in report, heading
+    # The limit, one positive GFLOP/s figure per dtype.
+    for dtype in ("fp32", "bf16"):
+        row = re.search(rf"^\| {dtype} \| ([0-9.,]+) \|", report, flags=re.MULTILINE)
+        assert row is not None and float(row.group(1).replace(",", "")) > 0, dtype
+    # Inference rows for both dtypes with the greedy / teacher-forced ratio, and the DAPS / VQ step-time ratio.
+    assert re.search(r"^\| tiny \| fp32 \| [0-9,]+ \(", report, flags=re.MULTILINE)
+    assert re.search(r"^\| tiny \| bf16 \| [0-9,]+ \(", report, flags=re.MULTILINE)
+    assert re.search(r"^\| tiny \| daps K=4 / vq \| fp32 \| [0-9.]+ \|", report, flags=re.MULTILINE)
+    assert re.search(r"^\| tiny \| daps K=4: fp32 time / bf16 time \|", report, flags=re.MULTILINE)
+    # FLOPs are counted (a non-zero step count for each method).
+    flops = re.search(r"^\| tiny \| ([0-9.]+) M \|.*\| ([0-9.]+) M \| ([0-9.]+) M \|", report, flags=re.MULTILINE)
+    assert flops is not None and all(float(value) > 0 for value in flops.groups())
