@@ -88,6 +88,15 @@ def test_configuration_adapts_to_the_dataset():
     assert config.quantizer == "fsq" and config.codebook_size == 256 and config.encoder_type == "parallel"
 
 
+def test_beta_end_defaults_to_the_presets_and_daps_ends_higher_on_mnist():
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k")).beta_end == 0.3
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", method="daps-na")).beta_end == 0.3
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", method="gumbel")).beta_end == 0.01
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k")).beta_start == 0.5
+    assert resolve_defaults(TrainArguments(dataset="photo-crops")).beta_end == 0.01
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", beta_end=0.01)).beta_end == 0.01
+
+
 def test_usage_weight_defaults_to_the_presets():
     # The usage term is on for the natural-image presets and off for digits, and only for the DAPS methods.
     assert resolve_defaults(TrainArguments(dataset="photo-crops")).usage_weight == 0.3

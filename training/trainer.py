@@ -23,7 +23,7 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import BETA_SCHEDULES, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
+from .arguments import BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
@@ -167,6 +167,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
     beta_start, beta_end = BETA_SCHEDULES.get(preset, BETA_SCHEDULES["cifar"])
+    if args.method in ("daps", "daps-na"):
+        beta_end = DAPS_BETA_ENDS.get(preset, beta_end)
     dataset_name = Path(args.dataset).name if os.path.isdir(args.dataset) else args.dataset.replace("/", "-")
     update_samples = args.update_samples
     if update_samples is None:
