@@ -23,7 +23,8 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, TrainArguments
+from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS,
+                        TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
