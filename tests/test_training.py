@@ -19,7 +19,7 @@ from training.arguments import TrainArguments
 from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.data import load_image_splits
 from training.evaluation import evaluate
-from training.trainer import build_config, resolve_defaults, train
+from training.trainer import build_config, parse_config_overrides, resolve_defaults, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,42 @@ def test_configuration_adapts_to_the_dataset():
     assert config.quantizer == "fsq" and config.codebook_size == 256 and config.encoder_type == "parallel"
 
 
+def test_config_overrides_are_typed_by_the_field_and_applied_to_every_method():
+    assert parse_config_overrides(None) == {} and parse_config_overrides(" ") == {}
+    parsed = parse_config_overrides("code_layers=1, decoder_hidden_size=1024,max_variance=2.5,likelihood=gaussian")
+    assert parsed == {"code_layers": 1, "decoder_hidden_size": 1024, "max_variance": 2.5, "likelihood": "gaussian"}
+    assert isinstance(parsed["max_variance"], float)
+    for method in ("daps", "fsq", "vq"):
+        args = resolve_defaults(TrainArguments(method=method, config_overrides="code_layers=1,hidden_size=128"))
+        config, notes = build_config(args, image_size=28, num_channels=1)
+        assert (config.code_layers, config.hidden_size) == (1, 128), method
+        assert any("code_layers 2 → 1" in note for note in notes), notes
+    default, _ = build_config(resolve_defaults(TrainArguments()), image_size=28, num_channels=1)
+    assert (default.code_layers, default.hidden_size) == (2, 64)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quantizer=vq", "set by --method"), ("image_size=32", "the data's"), ("codebook_size=64", "--codebook_size"),
+    ("nope=1", "unknown configuration field 'nope'"), ("presets=1", "unknown configuration field"),
+    ("code_layers=1,code_layers=2", "twice"), ("code_layers=two", "not a valid int"), ("code_layers", "key=value"),
+    ("=3", "key=value"), ("code_layers=", "key=value"), ("max_variance=big", "not a valid float"),
+])
+def test_config_overrides_refuse_bad_input_by_name(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config_overrides(text)
+
+
+def test_config_overrides_are_checked_by_the_configuration_and_refused_with_init_from():
+    args = resolve_defaults(TrainArguments(config_overrides="num_heads=3"))
+    with pytest.raises(ValueError, match="num_heads"):
+        build_config(args, image_size=28, num_channels=1)
+    with pytest.raises(ValueError, match="--init_from"):
+        resolve_defaults(TrainArguments(config_overrides="code_layers=1", init_from="some/folder"))
+
+
 def test_beta_end_defaults_to_the_presets_and_daps_ends_higher_on_mnist():
-    assert resolve_defaults(TrainArguments(dataset="mnist-5k")).beta_end == 0.3
-    assert resolve_defaults(TrainArguments(dataset="mnist-5k", method="daps-na")).beta_end == 0.3
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k")).beta_end == 0.5
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", method="daps-na")).beta_end == 0.5
     assert resolve_defaults(TrainArguments(dataset="mnist-5k", method="gumbel")).beta_end == 0.01
     assert resolve_defaults(TrainArguments(dataset="mnist-5k")).beta_start == 0.5
     assert resolve_defaults(TrainArguments(dataset="photo-crops")).beta_end == 0.01

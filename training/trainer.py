@@ -110,7 +110,66 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
             changes["code_head"] = "factorized"
         if math.prod(levels) != codebook_size:
             notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (lattice levels {levels})")
+    for key, value in parse_config_overrides(args.config_overrides).items():
+        notes.append(f"{key} {getattr(config, key)} → {value} (--config_overrides)")
+        changes[key] = value
     return replace_config(config, **changes), notes
+
+
+# DapsConfig fields that --config_overrides refuses, with the reason: the method or the data sets them, or a flag of
+# their own does (with the checks and defaults that go with it).
+_NOT_OVERRIDABLE = {
+    "image_size": "the data's (resize with --image_size)", "num_channels": "the data's",
+    "encoder_type": "set by --method", "quantizer": "set by --method", "fsq_levels": "set by --fsq_levels",
+    "code_embedding_type": "set by --code_embedding", "code_head": "set by --code_head",
+    "aligned_patches": "set by --aligned_patches", "pixel_paths": "set by --pixel_paths",
+    "decoder_gate_init": "set by --decoder_gate_init", "num_tokens": "set by --num_tokens",
+    "codebook_size": "set by --codebook_size", "patch_size": "set by --patch_size",
+    "initializer_range": "set by --initializer_range", "head_initializer_range": "set by --head_initializer_range",
+}
+
+
+def parse_config_overrides(text: str | None) -> dict:
+    """`--config_overrides 'code_layers=1,decoder_hidden_size=1024'` as a dict of typed DapsConfig values.
+
+    Each value is converted to the type of the field's default (int, float, bool or str); an unknown field, a field
+    another flag or the method sets, a repeated field or a value of the wrong type raises a ValueError naming it.
+    The configuration's own checks (e.g. num_heads dividing hidden_size) run when the configuration is built."""
+    if not text or not text.strip():
+        return {}
+    fields = {name: default for name, default in vars(DapsConfig).items()
+              if name in DapsConfig.__annotations__ and isinstance(default, (bool, int, float, str))}
+    out: dict = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"--config_overrides expects comma-separated key=value pairs, got {item.strip()!r}.")
+        if key in _NOT_OVERRIDABLE:
+            raise ValueError(f"--config_overrides cannot change {key!r}: {_NOT_OVERRIDABLE[key]}.")
+        if key not in fields:
+            allowed = ", ".join(sorted(k for k in fields if k not in _NOT_OVERRIDABLE))
+            raise ValueError(f"--config_overrides: unknown configuration field {key!r}; one of: {allowed}.")
+        if key in out:
+            raise ValueError(f"--config_overrides sets {key!r} twice.")
+        default = fields[key]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = raw.lower() in ("true", "1")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise ValueError(f"--config_overrides: {key}={raw!r} is not a valid {type(default).__name__}.") from None
+        out[key] = value
+    return out
 
 
 def replace_config(config: DapsConfig, **changes) -> DapsConfig:
@@ -155,6 +214,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.warm_start_steps < 0:
         raise ValueError(f"--warm_start_steps must be >= 0, got {args.warm_start_steps}.")
+    if args.config_overrides and args.init_from:
+        raise ValueError("--config_overrides changes the preset's architecture; --init_from keeps the saved model's.")
     if args.kmeans_init and args.init_from:
         raise ValueError("--kmeans_init would overwrite the pixel paths of the model given by --init_from.")
     if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
