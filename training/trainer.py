@@ -28,6 +28,7 @@ from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
+from .monitor import CollapseMonitor
 
 logger = logging.getLogger("daps")
 
@@ -416,6 +417,13 @@ def train(args: TrainArguments) -> dict:
         if accelerator.is_main_process:
             logger.info("Resumed from %s at step %d", resume_from, step)
 
+    # The DAPS encoder's dead state (all samples one code, no gradient) is reported once, not left to be found in the
+    # final PSNR. A resumed run replays its history so that a warning already given is not repeated.
+    monitor = None
+    if isinstance(inner, DapsMethod):
+        monitor = CollapseMonitor(inner.num_samples + int(inner.greedy_candidate), config.codebook_size)
+        for past in history:
+            monitor.update(past)
     run_config = {k: v for k, v in asdict(args).items()}
     if args.log_with and accelerator.is_main_process:
         accelerator.init_trackers("daps", config={k: v for k, v in run_config.items()
@@ -528,6 +536,9 @@ def train(args: TrainArguments) -> dict:
                         refresh=False)
         if logging_now:
             history.append(row)
+            warning = monitor.update(row) if monitor is not None else None
+            if warning and accelerator.is_main_process:
+                logger.warning(warning)
             if accelerator.is_main_process:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
@@ -560,6 +571,8 @@ def train(args: TrainArguments) -> dict:
         training_seconds=round(elapsed, 2), time_clock=args.time_clock, steps_per_second=round(step / max(elapsed, 1e-9), 3),
         skipped_updates=skipped, train_command=_command_line(),
     )
+    if monitor is not None and monitor.collapsed_at is not None:
+        metrics["encoder_collapsed_at_step"] = monitor.collapsed_at
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
