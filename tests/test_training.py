@@ -500,6 +500,38 @@ def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path)
     assert all("usage_kl" in row for row in rows) and rows[-1]["usage_weight"] < rows[0]["usage_weight"]
 
 
+def test_usage_margin_counts_only_the_terms_excess(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    images = load_image_splits("digits").validation[:7]
+    lam, scale = 0.7, 0.7 * config.num_tokens
+
+    def step(weight, margin):
+        method = DapsMethod(model, 6, objective.make_eta_control("bisection", rho=0.33, num_samples=6),
+                            lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
+                            usage_weight=weight, usage_margin=margin)
+        method.generator = torch.Generator().manual_seed(5)
+        return method(images, images, progress=0.0)
+
+    plain, full = step(0.0, 0.0), step(lam, 0.0)
+    usage = full["usage_kl"].item()
+    assert usage > 0
+    # Below the term: only the excess λ·L·(term − m) is added; above it: nothing, and no gradient from the term.
+    under = step(lam, usage / 2)
+    torch.testing.assert_close(under["loss"] - plain["loss"], torch.tensor(scale * usage / 2), rtol=1e-3, atol=1e-5)
+    over = step(lam, usage * 2)
+    torch.testing.assert_close(over["loss"], plain["loss"])
+    assert over["usage_kl"].item() == pytest.approx(usage)      # still measured and logged
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="usage_margin"):
+            DapsMethod(model, 4, control, lambda progress: 0.5, usage_weight=0.3, usage_margin=bad)
+
+
 def _grid_model(tmp_path):
     """A conv-decoder model whose 16 tokens lie on a 4 × 4 grid over 8 × 8 images (2 × 2 pixels per cell)."""
     config, _ = build_config(tiny_args(tmp_path, preset="tiny", num_tokens=16, patch_size=2), image_size=8,

@@ -87,6 +87,9 @@ class TrainArguments:
                                        "imagenet 0.3, mnist and tiny 0; benchmarks/RESULTS.md, 'Codebook collapse')."})
     usage_weight_end: float | None = field(default=None, metadata={"help": "DAPS: λ of the usage term at the end of "
                                            "the run; λ moves linearly from --usage_weight to it (default: constant)."})
+    usage_margin: float = field(default=0.0, metadata={"help": "DAPS: nats of the usage term left unpenalised: "
+                                "only its excess over the margin counts, so the term acts only when the batch's codes "
+                                "concentrate (a collapse guard; e.g. 2.77 = log 256 / 2 acts below a perplexity of 16)."})
     usage_mutual_information: bool = field(default=True, metadata={"help": "DAPS: the usage term also includes each "
                                            "token's mean entropy (log V − I instead of log V − H(q̄)), so each token "
                                            "stays confident while the codebook is used evenly."})

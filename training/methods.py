@@ -69,6 +69,9 @@ class DapsMethod(nn.Module):
         usage_mutual_information: the term becomes λ·L·(log V − I), also making each token's distribution confident.
         usage_weight_end: *optional* λ at the end of the run: λ moves linearly from `usage_weight` to it with the
             run's progress (None: constant). Lets the term act early, while codes collapse, and fade later.
+        usage_margin: m ≥ 0 nats: only the term's excess counts, λ·L·max(0, term − m). With m > 0 the term is a
+            guard that is silent while the batch uses its codes broadly and acts when they concentrate (a collapse);
+            e.g. m = log V / 2 acts below a perplexity of √V.
         credit: "sequence" (the paper's: one weight per sample, from its whole log p(x | z)) or "token": the encoder's
             weighted ML gets one weight per sample *and token*, from the part of log p(x | z) located at that token's
             cell of the conv decoder's grid (see `_token_encoder_loss`). The decoder's loss and the kept samples
@@ -105,7 +108,8 @@ class DapsMethod(nn.Module):
                  usage_mutual_information: bool = False, credit: str = "sequence", credit_window: int = 1,
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
                  kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
-                 local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False):
+                 local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False,
+                 usage_margin: float = 0.0):
         super().__init__()
         if fixed_code_blocks:
             if not kmeans_init:
@@ -158,6 +162,9 @@ class DapsMethod(nn.Module):
         self.credit, self.credit_window = credit, credit_window
         if not (math.isfinite(usage_weight) and usage_weight >= 0):
             raise ValueError(f"usage_weight must be a finite number >= 0, got {usage_weight}.")
+        if not (math.isfinite(usage_margin) and usage_margin >= 0):
+            raise ValueError(f"usage_margin must be a finite number >= 0, got {usage_margin}.")
+        self.usage_margin = float(usage_margin)
         if not 0.0 <= exploration < 1.0:
             raise ValueError(f"exploration must be in [0, 1), got {exploration}.")
         if update_samples is not None:
@@ -221,8 +228,9 @@ class DapsMethod(nn.Module):
     def _add_usage_term(self, encoder_loss: torch.Tensor, log_probs: torch.Tensor, weights: torch.Tensor):
         """encoder loss + λ·L·usage term on teacher-forced log-probabilities (B, K, L, V) with weights (B, K)."""
         usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
-        return encoder_loss + self._usage_now * log_probs.shape[2] * usage, {"usage_kl": usage.detach(),
-                                                                             "usage_weight": self._usage_now}
+        excess = (usage - self.usage_margin).clamp_min(0.0) if self.usage_margin > 0 else usage
+        return encoder_loss + self._usage_now * log_probs.shape[2] * excess, {"usage_kl": usage.detach(),
+                                                                              "usage_weight": self._usage_now}
 
     def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
         """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).

@@ -275,7 +275,7 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           exploration=args.exploration, update_samples=args.update_samples,
                           usage_weight=args.usage_weight,
                           usage_mutual_information=args.usage_mutual_information,
-                          usage_weight_end=args.usage_weight_end,
+                          usage_weight_end=args.usage_weight_end, usage_margin=args.usage_margin,
                           credit=args.credit, credit_window=args.credit_window,
                           warm_start_steps=args.warm_start_steps,
                           kmeans_init=args.kmeans_init if args.kmeans_init is not None
