@@ -5,7 +5,7 @@ one code sequence, the same for every image. Then all K samples of every image a
 uniform (ESS = K whatever η is), the η solve sits at its floor, and the encoder's loss −Σ w log q is ≈ 0 with zero
 gradient; the decoder learns the mean image and the run ends at the mean-image PSNR. It was measured on MNIST with a
 wider encoder (`hidden_size=128`) or decoder (`decoder_hidden_size=1024`) than the preset's, on every seed tried
-(benchmarks/RESULTS.md, "Nineteenth session"); the preset's own run touches the state for 10–30 steps on some seeds
+(benchmarks/RESULTS.md, "Eighteenth and nineteenth sessions"); the preset's own run touches the state for 10–30 steps on some seeds
 and leaves it. `CollapseMonitor` turns the logged statistics into one clear warning instead of a silent wasted run.
 """
 
@@ -63,6 +63,6 @@ class CollapseMonitor:
         return (f"The DAPS encoder has collapsed: since step {self.since} every sample of every image has been the "
                 f"same code (ESS = K = {self.num_samples}, {round(row['code_usage'] * self.codebook_size)} of "
                 f"{self.codebook_size} codes in use). Its loss has no gradient in this state and the run will end "
-                "near the mean-image PSNR. Seen with wider encoders or decoders than the preset's; restart with an "
-                "entropy term on the batch's code use, e.g. `--usage_weight 0.3 --usage_weight_end 0 "
-                "--usage_mutual_information false` (benchmarks/RESULTS.md, 'Nineteenth session').")
+                "near the mean-image PSNR. Seen with wider encoders or decoders than the preset's; restart with the "
+                "guard on the batch's code use, `--usage_weight 0.3 --usage_mutual_information false --usage_margin "
+                "2.77` (benchmarks/RESULTS.md, 'Eighteenth and nineteenth sessions').")
