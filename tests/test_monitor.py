@@ -73,8 +73,8 @@ def test_baselines_are_not_watched(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_wider_encoder_on_mnist_collapses_and_is_reported(tmp_path, caplog):
-    # The measured failure (benchmarks/RESULTS.md, "Eighteenth and nineteenth sessions"): hidden size 128 instead of the preset's
-    # 64 collapses within ~40 steps on every seed tried.
+    # The measured failure (benchmarks/RESULTS.md, "Eighteenth and nineteenth sessions"): hidden size 128 instead of
+    # the preset's 64 collapses within ~40 steps on every seed tried.
     args = TrainArguments(dataset="mnist-5k", output_dir=str(tmp_path / "run"), max_steps=160, eval_every=0,
                           save_every=0, progress=False, num_threads=1, seed=0, config_overrides="hidden_size=128")
     with caplog.at_level(logging.WARNING, logger="daps"):

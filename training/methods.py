@@ -227,16 +227,11 @@ class DapsMethod(nn.Module):
 
     def _add_usage_term(self, encoder_loss: torch.Tensor, log_probs: torch.Tensor, weights: torch.Tensor):
         """encoder loss + λ·L·usage term on teacher-forced log-probabilities (B, K, L, V) with weights (B, K)."""
-        stats = {"usage_weight": self._usage_now}
-        if self.usage_margin > 0:
-            # Under the margin the term adds nothing: measure it without building a graph for its backward pass.
-            with torch.no_grad():
-                usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
-            if usage.item() <= self.usage_margin:
-                return encoder_loss, {"usage_kl": usage, **stats}
         usage = objective.marginal_usage_loss(log_probs, weights, self.usage_mutual_information)
-        excess = usage - self.usage_margin if self.usage_margin > 0 else usage
-        return encoder_loss + self._usage_now * log_probs.shape[2] * excess, {"usage_kl": usage.detach(), **stats}
+        stats = {"usage_kl": usage.detach(), "usage_weight": self._usage_now}
+        if self.usage_margin > 0 and usage.item() <= self.usage_margin:
+            return encoder_loss, stats   # under the margin: left out of the loss, so no backward pass runs through it
+        return encoder_loss + self._usage_now * log_probs.shape[2] * (usage - self.usage_margin), stats
 
     def _weigh(self, rewards: torch.Tensor, log_q: torch.Tensor, offset: torch.Tensor | None, progress: float):
         """Steps 3-4 and 8 (first half) on detached (B, K) rewards and log q: β, η and the weights (B, K).

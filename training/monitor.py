@@ -5,8 +5,8 @@ one code sequence, the same for every image. Then all K samples of every image a
 uniform (ESS = K whatever η is), the η solve sits at its floor, and the encoder's loss −Σ w log q is ≈ 0 with zero
 gradient; the decoder learns the mean image and the run ends at the mean-image PSNR. It was measured on MNIST with a
 wider encoder (`hidden_size=128`) or decoder (`decoder_hidden_size=1024`) than the preset's, on every seed tried
-(benchmarks/RESULTS.md, "Eighteenth and nineteenth sessions"); the preset's own run touches the state for 10–30 steps on some seeds
-and leaves it. `CollapseMonitor` turns the logged statistics into one clear warning instead of a silent wasted run.
+(benchmarks/RESULTS.md, "Eighteenth and nineteenth sessions"); the preset's own run touches the state for 10–30
+steps on some seeds and leaves it. `CollapseMonitor` turns the logged statistics into one clear warning instead of a silent wasted run.
 """
 
 from __future__ import annotations
