@@ -2,7 +2,9 @@
 
 A method is an `nn.Module` that wraps the `DapsModel`, so that Accelerate/DDP sees one forward per step and
 synchronises every gradient the loss touches. `forward(pixel_values, targets, progress)` returns a dict with
-`loss` (a scalar with gradient) and scalar statistics for the log.
+`loss` (a scalar with gradient) and scalar statistics for the log. Given `polish_codes` (the frozen encoder's greedy
+codes of the batch), every method instead returns the loss of a decoder-polish step (`decoder_polish_step`), the
+last phase of a run with `--polish_fraction`.
 
 - `DapsMethod` (daps, daps-na): DAPS.md "One training step", steps 1-8.
 - `VqMethod` (vq): VQ-VAE with straight-through gradients, codebook and commitment losses, dead-code restart.
@@ -47,6 +49,34 @@ def _parallel_head(model, memory: torch.Tensor) -> torch.Tensor:
 def _reconstruction_log_likelihood(model, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Decoder input embeddings (N, L, e) → log p(targets | z), (N,)."""
     return model.log_likelihood(targets, model.likelihood_parameters(embeddings))
+
+
+def decoder_parameters(model) -> list[nn.Parameter]:
+    """The parameters of the path from codes to images, which the decoder polish trains (`decoder_polish_step`):
+    the decoder network and, for a categorical encoder, its code table. VQ's codebook is also the table the encoder's
+    nearest-neighbour assignment reads, so it stays with the encoder; FSQ's lattice has no parameters."""
+    params = list(model.decoder.parameters())
+    if model.config.quantizer == "categorical":
+        params.append(model.code_embedding.weight)
+    return params
+
+
+def decoder_polish_step(model, codes: torch.Tensor, targets: torch.Tensor, touch_all: bool = False) -> dict:
+    """The loss of a decoder-polish step: −log p(x | z) of the frozen encoder's greedy codes, mean over the batch.
+
+    codes (B, L) are the encoder's greedy codes of the batch's images, targets (B, C, H, W) what the decoder scores.
+    Only the code-to-image path gets a gradient. `touch_all` adds every other parameter to the graph with weight 0,
+    so that DistributedDataParallel, which expects each parameter to receive a gradient, can reduce them (zeros; the
+    trainer holds their learning rate at 0, so they do not move).
+    """
+    reward = _reconstruction_log_likelihood(model, model.embed_codes(codes), targets)
+    loss = -reward.float().mean()
+    statistics = {"decoder_loss": loss.detach(),
+                  "code_usage": codes.unique().numel() / model.config.codebook_size}
+    if touch_all:
+        polished = {id(p) for p in decoder_parameters(model)}
+        loss = loss + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad and id(p) not in polished)
+    return {"loss": loss, **statistics}
 
 
 class DapsMethod(nn.Module):
@@ -195,7 +225,11 @@ class DapsMethod(nn.Module):
         self.generator: torch.Generator | None = None
         self.last_token_weights: torch.Tensor | None = None   # credit "token": the last step's (B, K, L) weights
 
-    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
+    def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float,
+                polish_codes: torch.Tensor | None = None, touch_all: bool = False) -> dict:
+        if polish_codes is not None:
+            self._pending = None   # no DAPS weights this step: nothing for the η control
+            return decoder_polish_step(self.model, polish_codes, targets, touch_all)
         self._usage_now = self.usage_weight + (self.usage_weight_end - self.usage_weight) * min(max(progress, 0.0), 1.0)
         if self.steps_done < self.warm_start_steps:
             return self._warm_start_step(pixel_values, targets, progress)
@@ -583,7 +617,9 @@ class FsqMethod(nn.Module):
         _require_quantizer(model, "fsq", "FSQ")
         self.model = model
 
-    def forward(self, pixel_values, targets, progress: float) -> dict:
+    def forward(self, pixel_values, targets, progress: float, polish_codes=None, touch_all: bool = False) -> dict:
+        if polish_codes is not None:
+            return decoder_polish_step(self.model, polish_codes, targets, touch_all)
         model = self.model
         memory = model.encode_patches(pixel_values)
         latents = _parallel_head(model, memory)
@@ -612,7 +648,9 @@ class VqMethod(nn.Module):
         self.register_buffer("steps_unused", torch.zeros(model.config.codebook_size, dtype=torch.long), persistent=False)
         self._latents = None
 
-    def forward(self, pixel_values, targets, progress: float) -> dict:
+    def forward(self, pixel_values, targets, progress: float, polish_codes=None, touch_all: bool = False) -> dict:
+        if polish_codes is not None:
+            return decoder_polish_step(self.model, polish_codes, targets, touch_all)
         model = self.model
         memory = model.encode_patches(pixel_values)
         latents = _parallel_head(model, memory).float()
@@ -677,7 +715,9 @@ class GumbelMethod(nn.Module):
         self.temperature_end = temperature_end
         self.generator: torch.Generator | None = None
 
-    def forward(self, pixel_values, targets, progress: float) -> dict:
+    def forward(self, pixel_values, targets, progress: float, polish_codes=None, touch_all: bool = False) -> dict:
+        if polish_codes is not None:
+            return decoder_polish_step(self.model, polish_codes, targets, touch_all)
         model = self.model
         config = model.config
         temperature = self.temperature_start * (self.temperature_end / self.temperature_start) ** progress

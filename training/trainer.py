@@ -27,7 +27,7 @@ from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_
                         TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
-from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod
+from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod, decoder_parameters
 from .monitor import CollapseMonitor
 
 logger = logging.getLogger("daps")
@@ -226,6 +226,11 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}.")
     if not 0 <= args.lr_end_fraction <= 1:
         raise ValueError(f"--lr_end_fraction must be in [0, 1], got {args.lr_end_fraction}.")
+    if not (math.isfinite(args.polish_fraction) and 0 <= args.polish_fraction < 1):
+        raise ValueError(f"--polish_fraction must be in [0, 1), got {args.polish_fraction}.")
+    if args.polish_learning_rate is not None and not (math.isfinite(args.polish_learning_rate)
+                                                      and args.polish_learning_rate > 0):
+        raise ValueError(f"--polish_learning_rate must be a positive number, got {args.polish_learning_rate}.")
     if not 0 < args.ess_target <= 1:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
@@ -255,6 +260,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         gumbel_temperature_end=args.gumbel_temperature_end
         if args.gumbel_temperature_end is not None else (0.1 if args.method == "gumbel-na" else 0.75),
         output_dir=args.output_dir or os.path.join("outputs", f"{args.method}-{dataset_name}"),
+        polish_learning_rate=args.polish_learning_rate if args.polish_learning_rate is not None
+        else 0.1 * args.learning_rate,
     )
 
 
@@ -385,13 +392,26 @@ def train(args: TrainArguments) -> dict:
 
     gather = accelerator.gather if world > 1 else None
     method = build_method(args, model, gather)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     # The decay follows the run's progress on the β clock, which the loop writes here before each scheduler step
     # (a time budget has no step count to decay over); restored on resume from the step and elapsed time.
     schedule_progress = {"value": 0.0}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(args, step, schedule_progress["value"])
-    )
+    polishing = {"on": False}
+    if args.polish_fraction > 0:
+        # Two groups with the same settings (AdamW treats each parameter alone, so this is the one-group update)
+        # until the polish, which holds the encoder's learning rate at 0 and gives the decoder its own.
+        decoder_ids = {id(p) for p in decoder_parameters(model)}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in decoder_ids]},
+                  {"params": [p for p in model.parameters() if id(p) in decoder_ids]}]
+        polish_factors = (0.0, args.polish_learning_rate / args.learning_rate)
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+        lambdas = [
+            (lambda step, f=factor: f if polishing["on"] else lr_factor(args, step, schedule_progress["value"]))
+            for factor in polish_factors
+        ]
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        lambdas = lambda step: lr_factor(args, step, schedule_progress["value"])  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     method, optimizer, scheduler = accelerator.prepare(method, optimizer, scheduler)
     inner = accelerator.unwrap_model(method)
     model = inner.model
@@ -404,11 +424,13 @@ def train(args: TrainArguments) -> dict:
     validation_targets = binarize_fixed(validation, seed=0) if config.likelihood == "bernoulli" else None
 
     step, elapsed, history, skipped = 0, 0.0, [], 0
+    polish_from = None   # the step the decoder polish began (--polish_fraction), once it has
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = load_trainer_state(resume_from)
         step, elapsed, skipped = state["step"], state["elapsed"], state["skipped"]
         history = state["history"]
+        polish_from = state.get("polish_from")
         sampler.load_state_dict(state["sampler"])
         generator.set_state(state["generators"][rank]["sampling"])
         binarize_generator.set_state(state["generators"][rank]["binarize"])
@@ -448,7 +470,7 @@ def train(args: TrainArguments) -> dict:
     def checkpoint():
         states = gather_state()
         trainer_state = {
-            "step": step, "elapsed": elapsed, "skipped": skipped, "history": history,
+            "step": step, "elapsed": elapsed, "skipped": skipped, "history": history, "polish_from": polish_from,
             "sampler": sampler.state_dict(), "generators": states,
             "method": inner.state_dict_extra() if hasattr(inner, "state_dict_extra") else {},
         }
@@ -461,6 +483,22 @@ def train(args: TrainArguments) -> dict:
         return evaluate(model, images.to(accelerator.device), beta=beta, batch_size=256,
                         binarized_targets=None if targets is None else targets.to(accelerator.device),
                         generator=torch.Generator(device=accelerator.device).manual_seed(1234))
+
+    def log_evaluation(polish_start: bool = False) -> None:
+        model.eval()
+        metrics = run_evaluation()
+        model.train()
+        eval_row = {"step": step, "time": round(elapsed, 3), **{f"eval/{k}": v for k, v in metrics.items()}}
+        if polish_start:
+            eval_row["polish_start"] = True
+        history.append(eval_row)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(eval_row) + "\n")
+            bar.write(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, code usage {metrics['code_usage']:.2f}"
+                      + (" (decoder polish starts)" if polish_start else ""))
+        if args.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     clock = time.perf_counter if args.time_clock == "wall" else time.process_time
     if getattr(inner, "warm_start_pending", False):
@@ -478,11 +516,46 @@ def train(args: TrainArguments) -> dict:
             logger.info("Warm start: k-means codebook of %d pixel blocks fitted in %.1f s; %d warm-start steps%s",
                         config.codebook_size, clock() - started, max(0, args.warm_start_steps - inner.steps_done),
                         "; pixel paths set from it" if args.kmeans_init else "")
+    polish_at = 1.0 - args.polish_fraction if args.polish_fraction > 0 else None
+    polish_codes = None
+
+    def start_polish() -> torch.Tensor | None:
+        """Freeze the encoder: its learning rate → 0, the decoder's → the polish rate, from this step on. Returns the
+        greedy codes of the training images (N, L) when the loop reads them unaugmented (with augmentations each
+        batch is encoded as it comes). The encoder no longer changes, so a resumed run computes the same codes."""
+        polishing["on"] = True
+        for group, factor in zip(optimizer.param_groups, polish_factors):
+            group["lr"] = args.learning_rate * factor
+        if augment:
+            return None
+        model.eval()
+        with torch.no_grad():
+            inputs = to_model_input(splits.train, config)
+            codes = torch.cat([model.encode(inputs[i:i + 256].to(accelerator.device)).codes
+                               for i in range(0, len(inputs), 256)])
+        model.train()
+        return codes
+
     bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
                desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
     model.train()
     stop = False
     while not stop and step < args.max_steps:
+        if polish_at is not None and not polishing["on"] and progress_of(step, elapsed) >= polish_at:
+            resumed_in_polish = polish_from is not None
+            evaluated_here = bool(history) and history[-1].get("step") == step and "eval/psnr" in history[-1]
+            if args.eval_every and not resumed_in_polish and not evaluated_here:
+                # Where the polish starts from, on the validation images (not charged to the budget).
+                log_evaluation(polish_start=True)
+            started = clock()
+            polish_codes = start_polish()
+            elapsed += clock() - started
+            polish_from = polish_from if resumed_in_polish else step
+            if accelerator.is_main_process and not resumed_in_polish:
+                logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g%s", step,
+                            100 * progress_of(step, elapsed), args.polish_learning_rate,
+                            f", greedy codes of {len(polish_codes)} training images in hand"
+                            if polish_codes is not None else "")
         started = clock()
         indices = next(sampler)
         local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
@@ -496,9 +569,22 @@ def train(args: TrainArguments) -> dict:
             pixel_values = to_model_input(images, config).to(accelerator.device)
             targets = binarize(images, generator=binarize_generator).to(accelerator.device) \
                 if config.likelihood == "bernoulli" else pixel_values
+            codes = None
+            if polishing["on"]:
+                if polish_codes is not None:
+                    codes = polish_codes[chunk].to(accelerator.device)
+                else:
+                    with torch.no_grad():
+                        model.eval()
+                        codes = model.encode(pixel_values).codes
+                        model.train()
             with accelerator.accumulate(method):
                 with accelerator.autocast():
-                    out = method(pixel_values, targets, progress_of(step, elapsed))
+                    if codes is None:
+                        out = method(pixel_values, targets, progress_of(step, elapsed))
+                    else:
+                        out = method(pixel_values, targets, progress_of(step, elapsed), polish_codes=codes,
+                                     touch_all=world > 1)
                 accelerator.backward(out["loss"])
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -516,7 +602,8 @@ def train(args: TrainArguments) -> dict:
             for key, value in out.items():
                 value = value.item() if isinstance(value, torch.Tensor) else value
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
-        inner.after_step()
+        if not polishing["on"]:
+            inner.after_step()
         step += 1
         elapsed += clock() - started
         if args.max_time and elapsed >= args.max_time:
@@ -530,7 +617,9 @@ def train(args: TrainArguments) -> dict:
                                                      dtype=torch.float64), reduction="mean")
             stats_sum = dict(zip(keys, values.tolist()))
         row = {"step": step, "time": round(elapsed, 3), **{k: _round(v) for k, v in stats_sum.items()},
-               "grad_norm": _round(grad_norm), "lr": scheduler.get_last_lr()[0], "skipped": skipped}
+               "grad_norm": _round(grad_norm), "lr": scheduler.get_last_lr()[-1], "skipped": skipped}
+        if polishing["on"]:
+            row["polish"] = True   # a decoder-polish step; "lr" is the decoder's (the encoder's is 0)
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "ess", "eta", "beta", "code_usage") if k in row},
                         refresh=False)
@@ -545,17 +634,7 @@ def train(args: TrainArguments) -> dict:
             if args.log_with:
                 accelerator.log(row, step=step)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps and not stop:
-            model.eval()
-            metrics = run_evaluation()
-            model.train()
-            eval_row = {"step": step, "time": round(elapsed, 3), **{f"eval/{k}": v for k, v in metrics.items()}}
-            history.append(eval_row)
-            if accelerator.is_main_process:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(eval_row) + "\n")
-                bar.write(f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB, code usage {metrics['code_usage']:.2f}")
-            if args.log_with:
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            log_evaluation()
         if args.save_every and step % args.save_every == 0 and step < args.max_steps and not stop:
             checkpoint()
     bar.close()
@@ -571,6 +650,8 @@ def train(args: TrainArguments) -> dict:
         training_seconds=round(elapsed, 2), time_clock=args.time_clock, steps_per_second=round(step / max(elapsed, 1e-9), 3),
         skipped_updates=skipped, train_command=_command_line(),
     )
+    if polish_at is not None:
+        metrics["polish_from_step"] = polish_from
     if monitor is not None and monitor.collapsed_at is not None:
         metrics["encoder_collapsed_at_step"] = monitor.collapsed_at
     if accelerator.is_main_process:
