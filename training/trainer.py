@@ -520,19 +520,22 @@ def train(args: TrainArguments) -> dict:
     polish_codes = None
 
     def start_polish() -> torch.Tensor | None:
-        """Freeze the encoder: its learning rate → 0, the decoder's → the polish rate, from this step on. Returns the
-        greedy codes of the training images (N, L) when the loop reads them unaugmented (with augmentations each
-        batch is encoded as it comes). The encoder no longer changes, so a resumed run computes the same codes."""
+        """Freeze the encoder: its learning rate → 0, the decoder's → the polish rate, from this step on. Returns an
+        empty cache (N, L) of −1 for the greedy codes of the training images when the loop reads them unaugmented:
+        each image is encoded the first time a batch holds it and its code reused after, so no image is encoded twice
+        and none that the polish does not reach (with augmentations every batch is encoded as it comes). The encoder
+        no longer changes, so a resumed run finds the same codes."""
         polishing["on"] = True
         for group, factor in zip(optimizer.param_groups, polish_factors):
             group["lr"] = args.learning_rate * factor
         if augment:
             return None
+        return torch.full((len(splits.train), config.num_tokens), -1, dtype=torch.long)
+
+    def greedy_codes(pixel_values: torch.Tensor) -> torch.Tensor:
         model.eval()
         with torch.no_grad():
-            inputs = to_model_input(splits.train, config)
-            codes = torch.cat([model.encode(inputs[i:i + 256].to(accelerator.device)).codes
-                               for i in range(0, len(inputs), 256)])
+            codes = model.encode(pixel_values).codes
         model.train()
         return codes
 
@@ -552,10 +555,9 @@ def train(args: TrainArguments) -> dict:
             elapsed += clock() - started
             polish_from = polish_from if resumed_in_polish else step
             if accelerator.is_main_process and not resumed_in_polish:
-                logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g%s", step,
-                            100 * progress_of(step, elapsed), args.polish_learning_rate,
-                            f", greedy codes of {len(polish_codes)} training images in hand"
-                            if polish_codes is not None else "")
+                logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g, "
+                            "trained on the encoder's greedy codes", step, 100 * progress_of(step, elapsed),
+                            args.polish_learning_rate)
         started = clock()
         indices = next(sampler)
         local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
@@ -571,13 +573,13 @@ def train(args: TrainArguments) -> dict:
                 if config.likelihood == "bernoulli" else pixel_values
             codes = None
             if polishing["on"]:
-                if polish_codes is not None:
-                    codes = polish_codes[chunk].to(accelerator.device)
+                if polish_codes is None:
+                    codes = greedy_codes(pixel_values)
                 else:
-                    with torch.no_grad():
-                        model.eval()
-                        codes = model.encode(pixel_values).codes
-                        model.train()
+                    missing = (polish_codes[chunk] < 0).any(dim=1)
+                    if bool(missing.any()):
+                        polish_codes[chunk[missing]] = greedy_codes(pixel_values[missing.to(pixel_values.device)]).cpu()
+                    codes = polish_codes[chunk].to(accelerator.device)
             with accelerator.accumulate(method):
                 with accelerator.autocast():
                     if codes is None:
