@@ -38,3 +38,22 @@ def test_speed_benchmark_writes_every_table(tmp_path):
     # FLOPs are counted (a non-zero step count for each method).
     flops = re.search(r"^\| tiny \| ([0-9.]+) M \|.*\| ([0-9.]+) M \| ([0-9.]+) M \|", report, flags=re.MULTILINE)
     assert flops is not None and all(float(value) > 0 for value in flops.groups())
+
+
+def test_decoder_polish_benchmark_reports_each_learning_rate(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "training", "train", "--dataset", "digits", "--max_steps", "3", "--batch_size", "16",
+             "--num_samples", "4", "--eval_every", "0", "--save_every", "0", "--progress", "false", "--num_threads", "1",
+             "--output_dir", str(run)]
+    completed = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = tmp_path / "polish.md"
+    command = [sys.executable, "benchmarks/decoder_polish.py", str(run), "--learning-rates", "1e-3", "1e-4",
+               "--steps", "4", "--every", "2", "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = output.read_text()
+    assert "benchmarks/decoder_polish.py" in report and "| step 0 | step 2 | step 4 |" in report
+    for lr in ("0.001", "0.0001"):
+        # One PSNR per evaluated step, then the CPU seconds and the test PSNR.
+        assert re.search(rf"^\| {lr} \|( [0-9.]+ \|){{5}}$", report, flags=re.MULTILINE), lr
