@@ -126,6 +126,8 @@ def test_polish_fraction_outside_zero_to_one_is_refused(fraction):
 
 
 def test_polish_learning_rate_defaults_to_a_tenth_and_must_be_positive():
+    # The polish is on by default, for every method: the last 2 % of a run.
+    assert TrainArguments().polish_fraction == pytest.approx(0.02)
     assert resolve_defaults(TrainArguments(learning_rate=2e-3)).polish_learning_rate == pytest.approx(2e-4)
     with pytest.raises(ValueError, match="--polish_learning_rate"):
         resolve_defaults(TrainArguments(polish_learning_rate=0.0))
