@@ -553,11 +553,12 @@ def train(args: TrainArguments) -> dict:
             started = clock()
             polish_codes = start_polish()
             elapsed += clock() - started
-            polish_from = polish_from if resumed_in_polish else step
-            if accelerator.is_main_process and not resumed_in_polish:
-                logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g, "
-                            "trained on the encoder's greedy codes", step, 100 * progress_of(step, elapsed),
-                            args.polish_learning_rate)
+            if not resumed_in_polish:
+                polish_from = step
+                if accelerator.is_main_process:
+                    logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g, "
+                                "trained on the encoder's greedy codes", step, 100 * progress_of(step, elapsed),
+                                args.polish_learning_rate)
         started = clock()
         indices = next(sampler)
         local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
