@@ -397,8 +397,27 @@ def test_exploration_step_weights_by_the_proposal_and_runs_end_to_end(tmp_path):
     assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
 
 
-@pytest.mark.parametrize("exploration", [0.0, 0.2])
-def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_path, exploration):
+def test_proposal_temperature_is_checked_and_runs_end_to_end(tmp_path):
+    """τ < 1 draws the samples nearer q's mode and weighs them back to q*; bad values and the combinations that
+    make their own candidates are refused by name."""
+    from training import objective
+    from training.methods import DapsMethod
+
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=4)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="proposal_temperature"):
+            DapsMethod(model, 4, control, lambda progress: 0.5, proposal_temperature=bad)
+    with pytest.raises(ValueError, match="proposal_temperature"):
+        DapsMethod(model, 4, control, lambda progress: 0.5, decoder_weighting="posterior", credit="token",
+                   proposal_temperature=0.5)
+    metrics = train(tiny_args(tmp_path, max_steps=4, proposal_temperature=0.5))
+    assert metrics["steps"] == 4 and metrics["skipped_updates"] == 0
+
+
+@pytest.mark.parametrize("exploration, temperature", [(0.0, 1.0), (0.2, 1.0), (0.0, 0.6), (0.1, 0.6)])
+def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_path, exploration, temperature):
     from training import objective
     from training.methods import DapsMethod
 
@@ -408,7 +427,8 @@ def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_p
     k, m, beta = 6, 2, 0.5
     images = load_image_splits("digits").validation[:7]
     method = DapsMethod(model, k, objective.make_eta_control("bisection", rho=0.33, num_samples=k),
-                        lambda progress: beta, decoder_weighting="posterior", exploration=exploration, update_samples=m)
+                        lambda progress: beta, decoder_weighting="posterior", exploration=exploration, update_samples=m,
+                        proposal_temperature=temperature)
     method.generator = torch.Generator().manual_seed(3)
     stats = method(images, images, progress=0.0)
 
@@ -416,9 +436,11 @@ def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_p
     # the M heaviest kept and renormalised, their log q and log p(x|z) with gradient.
     with torch.no_grad():
         memory = model.encode_patches(images)
-        codes, log_q, log_mu = model._sample_from_memory(memory, k, 1.0, torch.Generator().manual_seed(3),
+        codes, log_q, log_mu = model._sample_from_memory(memory, k, temperature, torch.Generator().manual_seed(3),
                                                           exploration=exploration, return_proposal=True)
-        offset = (log_q - log_mu) if exploration > 0 else None
+        offset = (log_q - log_mu) if exploration > 0 or temperature != 1.0 else None
+        if offset is not None:   # the importance weights q/μ of the proposal, not of q: they differ between samples
+            assert offset.std() > 0
         rewards = model.reconstruction_log_likelihood(images, codes)
     control = objective.make_eta_control("bisection", rho=0.33, num_samples=k)
     eta = control.eta_for_step(rewards, log_q, beta, offset)

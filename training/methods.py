@@ -92,6 +92,9 @@ class DapsMethod(nn.Module):
         decoder_weighting: "uniform" (the paper's Monte Carlo over all K) or "posterior" (weighted by w).
         greedy_candidate: score the greedy code as candidate K + 1.
         exploration: ε of the proposal (1 − ε)·q + ε·uniform, importance-weighted back to the same target.
+        proposal_temperature: τ > 0 of the proposal: tokens are drawn from q at temperature τ (τ < 1: codes nearer
+            the encoder's mode, the greedy code that evaluation reads), importance-weighted back by q/μ to the same
+            target q*. Combines with `exploration` (the mixture is then taken with q at τ).
         update_samples: M ≤ K, how many of the K samples per image (heaviest first) the losses use; None or K: all
             (see `_forward_kept_samples`).
         usage_weight: λ ≥ 0, adds λ·L·(log V − H(q̄)) to the loss, q̄ the batch's average code distribution under
@@ -139,8 +142,13 @@ class DapsMethod(nn.Module):
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
                  kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
                  local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False,
-                 usage_margin: float = 0.0):
+                 usage_margin: float = 0.0, proposal_temperature: float = 1.0):
         super().__init__()
+        if isinstance(proposal_temperature, bool) or not isinstance(proposal_temperature, (int, float)) \
+                or not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
+            raise ValueError(f"proposal_temperature must be a finite number > 0, got {proposal_temperature!r}.")
+        self.proposal_temperature = float(proposal_temperature)
+        off_policy = exploration > 0 or self.proposal_temperature != 1.0
         if fixed_code_blocks:
             if not kmeans_init:
                 raise ValueError("fixed_code_blocks keeps the decoder's code table at the k-means blocks: it needs "
@@ -155,9 +163,10 @@ class DapsMethod(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}.")
         if proposal == "local":
-            if credit != "sequence" or greedy_candidate or exploration > 0:
+            if credit != "sequence" or greedy_candidate or off_policy:
                 raise ValueError("proposal='local' makes its own candidates and credits each token: it cannot be "
-                                 "combined with credit='token', greedy_candidate or exploration.")
+                                 "combined with credit='token', greedy_candidate, exploration or "
+                                 "proposal_temperature.")
             model.check_token_cells()
         if not (math.isfinite(local_kl) and local_kl > 0):
             raise ValueError(f"local_kl must be a finite number > 0, got {local_kl}.")
@@ -183,9 +192,9 @@ class DapsMethod(nn.Module):
                 or credit_window % 2 == 0:
             raise ValueError(f"credit_window must be an odd integer >= 1, got {credit_window!r}.")
         if credit == "token":
-            if decoder_weighting != "posterior" or greedy_candidate or exploration > 0:
-                raise ValueError("credit='token' needs decoder_weighting='posterior', no greedy_candidate and no "
-                                 "exploration.")
+            if decoder_weighting != "posterior" or greedy_candidate or off_policy:
+                raise ValueError("credit='token' needs decoder_weighting='posterior', no greedy_candidate, no "
+                                 "exploration and proposal_temperature 1.")
             if model.config.quantizer != "categorical" or not model.code_transformer.autoregressive:
                 raise ValueError("credit='token' needs the autoregressive categorical encoder (method 'daps').")
             model.check_token_cells()
@@ -213,6 +222,7 @@ class DapsMethod(nn.Module):
         self.usage_mutual_information = bool(usage_mutual_information)
         self.greedy_candidate = greedy_candidate
         self.exploration = float(exploration)
+        self._off_policy = off_policy
         if decoder_weighting not in ("uniform", "posterior"):
             raise ValueError(f"decoder_weighting must be 'uniform' or 'posterior', got {decoder_weighting!r}.")
         self.decoder_weighting = decoder_weighting
@@ -239,7 +249,7 @@ class DapsMethod(nn.Module):
             return self._forward_kept_samples(pixel_values, targets, progress)
         # 1-2. K codes per image sampled without gradient (KV cache), then teacher-forced log q and rewards.
         offset, log_probs = None, None
-        if self.greedy_candidate or self.exploration > 0 or self._usage_now > 0:
+        if self.greedy_candidate or self._off_policy or self._usage_now > 0:
             output, offset, log_probs = self._sample_and_score(pixel_values, targets)
         else:
             output = self.model(pixel_values, num_samples=self.num_samples, generator=self.generator, targets=targets)
@@ -317,9 +327,10 @@ class DapsMethod(nn.Module):
         memory = model.encode_patches(pixel_values)                       # (B, P, d), with gradient
         with torch.no_grad():
             codes, sampled_log_q, log_proposal = model._sample_from_memory(
-                memory.detach(), k, 1.0, self.generator, exploration=self.exploration, return_proposal=True)
+                memory.detach(), k, self.proposal_temperature, self.generator, exploration=self.exploration,
+                return_proposal=True)
             sampled_log_q = sampled_log_q.float()
-            offset = (sampled_log_q - log_proposal.float()) if self.exploration > 0 else None
+            offset = (sampled_log_q - log_proposal.float()) if self._off_policy else None
             rewards, _ = model._reconstruction_log_likelihood(targets, codes, per_token=token_credit)
             token_rewards = rewards.float() if token_credit else None     # (B, K, L)
             rewards = rewards.float().sum(-1) if token_credit else rewards.float()   # (B, K)
@@ -491,7 +502,8 @@ class DapsMethod(nn.Module):
 
         - `exploration` ε > 0: the K codes come from the proposal μ = (1 − ε)·q + ε·uniform per token (drawn
           ancestrally), and the weights become q*/μ instead of q*/q by the log-offset log q(z) − log μ(z): the same
-          target q*, reached with codes q would rarely propose.
+          target q*, reached with codes q would rarely propose. `proposal_temperature` τ ≠ 1 does the same with q at
+          temperature τ as the proposal.
         - `greedy_candidate`: the encoder's greedy code is added as candidate K + 1 (offset 0), so the decoder is also
           fitted on the code evaluation uses and the mode competes with the samples for weight.
 
@@ -505,9 +517,9 @@ class DapsMethod(nn.Module):
         memory = model.encode_patches(pixel_values)
         with torch.no_grad():
             codes, sampled_log_q, log_proposal = model._sample_from_memory(
-                memory.detach(), self.num_samples, 1.0, self.generator, exploration=self.exploration,
-                return_proposal=True)
-            offset = (sampled_log_q - log_proposal).float() if self.exploration > 0 else None
+                memory.detach(), self.num_samples, self.proposal_temperature, self.generator,
+                exploration=self.exploration, return_proposal=True)
+            offset = (sampled_log_q - log_proposal).float() if self._off_policy else None
             if self.greedy_candidate:
                 greedy, _ = model._sample_from_memory(memory.detach(), None, 1.0, None)
                 codes = torch.cat([codes, greedy], dim=1)

@@ -279,7 +279,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
         )
         return DapsMethod(model, args.num_samples, control, beta_schedule, gather,
                           decoder_weighting=args.decoder_weighting, greedy_candidate=args.greedy_candidate,
-                          exploration=args.exploration, update_samples=args.update_samples,
+                          exploration=args.exploration, proposal_temperature=args.proposal_temperature,
+                          update_samples=args.update_samples,
                           usage_weight=args.usage_weight,
                           usage_mutual_information=args.usage_mutual_information,
                           usage_weight_end=args.usage_weight_end, usage_margin=args.usage_margin,
