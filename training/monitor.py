@@ -63,6 +63,7 @@ class CollapseMonitor:
         return (f"The DAPS encoder has collapsed: since step {self.since} every sample of every image has been the "
                 f"same code (ESS = K = {self.num_samples}, {round(row['code_usage'] * self.codebook_size)} of "
                 f"{self.codebook_size} codes in use). Its loss has no gradient in this state and the run will end "
-                "near the mean-image PSNR. Seen with wider encoders or decoders than the preset's; restart with the "
-                "guard on the batch's code use, `--usage_weight 0.3 --usage_mutual_information false --usage_margin "
-                "2.77` (benchmarks/RESULTS.md, 'Eighteenth and nineteenth sessions').")
+                "near the mean-image PSNR. Seen with wider encoders or decoders than the preset's, where restarting "
+                "with the guard on the batch's code use, `--usage_weight 0.3 --usage_mutual_information false "
+                "--usage_margin 2.77`, rescued it (benchmarks/RESULTS.md, 'Eighteenth and nineteenth sessions'), and "
+                "with `--proposal_temperature` 0.5 ('Twenty-first session').")
