@@ -88,8 +88,9 @@ class TrainArguments:
                               "(1 − ε)·q + ε·uniform and importance-weight by q/μ (same target q*, more exploration)."})
     proposal_temperature: float = field(default=1.0, metadata={"help": "DAPS: τ, draw the K samples from q at "
                                         "temperature τ and importance-weight by q/μ (same target q*): τ < 1 proposes "
-                                        "codes nearer the encoder's greedy code, the one evaluation reads (0.5 collapsed the encoder to one code on "
-                                        "MNIST: benchmarks/RESULTS.md, 'Twenty-first session')."})
+                                        "codes nearer the encoder's greedy code, the one evaluation reads (0.5 "
+                                        "collapsed the encoder to one code on MNIST: benchmarks/RESULTS.md, "
+                                        "'Twenty-first session')."})
     update_samples: int | None = field(default=None, metadata={"help": "DAPS: M, how many of the K samples per image "
                                  "(largest weight first) the losses and their backward passes use; all K are still "
                                  "sampled, decoded and weighted without gradient. Default: ceil(ρK), as many as the "
