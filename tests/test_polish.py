@@ -18,7 +18,7 @@ from training.trainer import resolve_defaults, train
 def polish_args(tmp_path, name="run", **overrides) -> TrainArguments:
     values = dict(dataset="digits", output_dir=str(tmp_path / name), max_steps=20, batch_size=32, num_samples=4,
                   eval_every=0, save_every=5, keep_checkpoints=10, progress=False, num_threads=1, log_every=1,
-                  polish_fraction=0.5, seed=3)
+                  polish_fraction=0.5, seed=3, code_embedding="learned", code_head="full")  # a trained code table
     values.update(overrides)
     return TrainArguments(**values)
 
@@ -117,6 +117,15 @@ def test_polish_step_gives_gradient_to_the_decoder_only_unless_asked_to_touch_al
         assert p.grad is not None
         if id(p) not in polished:
             assert torch.count_nonzero(p.grad) == 0
+
+
+def test_a_fixed_lattice_code_table_is_left_out_of_the_polish_and_of_training():
+    config = DapsConfig.from_preset("tiny", code_embedding_type="lattice", fsq_levels=[4, 4, 4, 4], codebook_size=256)
+    model = DapsModel(config)
+    assert not model.code_embedding.weight.requires_grad
+    assert all(p is not model.code_embedding.weight for p in decoder_parameters(model))
+    learned = DapsModel(DapsConfig.from_preset("tiny"))
+    assert any(p is learned.code_embedding.weight for p in decoder_parameters(learned))
 
 
 @pytest.mark.parametrize("fraction", [1.0, -0.1, float("nan")])

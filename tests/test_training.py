@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenizer import DapsModel
+from tokenizer import DapsConfig, DapsModel
 from tokenizer.modeling_daps import DapsFiniteScalarQuantizer
 from training.arguments import TrainArguments
 from training.checkpoint import latest_checkpoint, save_checkpoint
@@ -679,6 +679,31 @@ def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path
                 dict(code_embedding="random"), dict(code_head="tree")):
         with pytest.raises(ValueError, match="code_embedding|code_head"):
             build_config(resolve_defaults(tiny_args(tmp_path, **bad)), image_size=8, num_channels=1)
+
+
+def test_daps_on_the_mnist_preset_defaults_to_the_lattice_input_and_factorized_head(tmp_path):
+    # The preset's choice (benchmarks/RESULTS.md, "Twenty-second session"): daps on mnist only, flags still win.
+    args = resolve_defaults(TrainArguments(dataset="mnist-5k"))
+    assert (args.code_embedding, args.code_head) == ("lattice", "factorized")
+    config, _ = build_config(args, image_size=28, num_channels=1)
+    assert config.code_embedding_type == "lattice" and config.code_head == "factorized"
+    assert config.fsq_levels == [4, 4, 4, 4] and config.codebook_size == 256
+    for other in (dict(method="daps-na"), dict(method="gumbel"), dict(dataset="photo-crops"),
+                  dict(dataset="mnist-5k", codebook_size=100)):  # 100 has no default lattice levels
+        resolved = resolve_defaults(TrainArguments(**other))
+        assert (resolved.code_embedding, resolved.code_head) == ("learned", "full"), other
+        assert build_config(resolved, image_size=28, num_channels=1)[0].code_embedding_type == "learned", other
+    for method in ("fsq", "vq"):  # their codes are their own: no categorical choice to make
+        config, _ = build_config(resolve_defaults(TrainArguments(method=method)), image_size=28, num_channels=1)
+        assert config.code_embedding_type == "learned" and config.code_head == "full", method
+    explicit = resolve_defaults(TrainArguments(code_embedding="learned", code_head="full"))
+    assert (explicit.code_embedding, explicit.code_head) == ("learned", "full")
+    levels = resolve_defaults(TrainArguments(codebook_size=100, fsq_levels="5,5,4"))
+    assert (levels.code_embedding, levels.code_head) == ("lattice", "factorized")
+    # --init_from keeps the saved model's choice, whatever the preset would pick.
+    DapsModel(DapsConfig.from_preset("mnist")).save_pretrained(tmp_path / "saved")
+    reused = resolve_defaults(TrainArguments(init_from=str(tmp_path / "saved")))
+    assert (reused.code_embedding, reused.code_head) == ("learned", "full")
 
 
 def _local_method(model, **overrides):

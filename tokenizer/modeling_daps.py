@@ -671,6 +671,9 @@ class DapsModel(DapsPreTrainedModel):
             if config.pixel_paths:
                 embedding_dim += config.patch_dim   # the code's pixel block (DapsDecoder)
             self.code_embedding = nn.Embedding(config.codebook_size, embedding_dim)
+            if config.code_embedding_type == "lattice":
+                # Outside every optimizer, and no unused trainable parameter for DistributedDataParallel to wait on.
+                self.code_embedding.weight.requires_grad_(False)
         elif config.quantizer == "vq":
             self.quantizer = DapsVectorQuantizer(config.codebook_size, config.vq_dim)
             head_size = embedding_dim = config.vq_dim

@@ -53,10 +53,11 @@ def _reconstruction_log_likelihood(model, embeddings: torch.Tensor, targets: tor
 
 def decoder_parameters(model) -> list[nn.Parameter]:
     """The parameters of the path from codes to images, which the decoder polish trains (`decoder_polish_step`):
-    the decoder network and, for a categorical encoder, its code table. VQ's codebook is also the table the encoder's
-    nearest-neighbour assignment reads, so it stays with the encoder; FSQ's lattice has no parameters."""
+    the decoder network and, for a categorical encoder, its code table unless that is fixed (the lattice input, or
+    --fixed_code_blocks). VQ's codebook is also the table the encoder's nearest-neighbour assignment reads, so it stays
+    with the encoder; FSQ's lattice has no parameters."""
     params = list(model.decoder.parameters())
-    if model.config.quantizer == "categorical":
+    if model.config.quantizer == "categorical" and model.code_embedding.weight.requires_grad:
         params.append(model.code_embedding.weight)
     return params
 

@@ -23,8 +23,8 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DATASET_PRESETS, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS,
-                        TrainArguments)
+from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DATASET_PRESETS, KMEANS_START_PRESETS,
+                        METHODS, USAGE_WEIGHTS, TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod, decoder_parameters
@@ -69,10 +69,12 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["decoder_gate_init"] = float(args.decoder_gate_init)
     if args.aligned_patches is not None:
         changes["aligned_patches"] = bool(args.aligned_patches)
+    # Unresolved arguments (None) mean the plain choices; resolve_defaults fills in the preset's.
+    code_embedding, code_head = args.code_embedding or "learned", args.code_head or "full"
     if args.pixel_paths is not None:
         changes["pixel_paths"] = bool(args.pixel_paths)
-    elif args.method in ("daps", "daps-na") and preset in KMEANS_START_PRESETS and args.code_embedding == "learned" \
-            and args.code_head == "full":
+    elif args.method in ("daps", "daps-na") and preset in KMEANS_START_PRESETS and code_embedding == "learned" \
+            and code_head == "full":
         # The k-means start, where each token owns one patch (else the preset's plain encoder, with a note).
         side = image_size // patch
         num_tokens = changes.get("num_tokens", config.num_tokens)
@@ -86,11 +88,11 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
         changes["quantizer"] = "vq"
-    if args.code_embedding not in ("learned", "lattice"):
-        raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {args.code_embedding!r}.")
-    if args.code_head not in ("full", "factorized"):
-        raise ValueError(f"--code_head must be 'full' or 'factorized', got {args.code_head!r}.")
-    lattice, factorized = args.code_embedding == "lattice", args.code_head == "factorized"
+    if code_embedding not in ("learned", "lattice"):
+        raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {code_embedding!r}.")
+    if code_head not in ("full", "factorized"):
+        raise ValueError(f"--code_head must be 'full' or 'factorized', got {code_head!r}.")
+    lattice, factorized = code_embedding == "lattice", code_head == "factorized"
     if (lattice or factorized) and args.method in ("vq", "fsq"):
         raise ValueError(f"--code_embedding lattice and --code_head factorized are for the categorical methods; "
                          f"{args.method} has its own codes.")
@@ -201,6 +203,20 @@ def lr_factor(args: TrainArguments, step: int, progress: float) -> float:
     return warmup * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def _resolve_code_choices(args: TrainArguments, preset: str) -> tuple[str, str]:
+    """--code_embedding and --code_head where they were left to the preset: the saved model's with --init_from (its
+    configuration is kept), the FSQ lattice and the factorised head for daps on DAPS_LATTICE_PRESETS when the codebook
+    size has default lattice levels (or --fsq_levels is given), else a learned embedding and the full head."""
+    if args.init_from and (args.code_embedding is None or args.code_head is None):
+        saved = DapsConfig.from_pretrained(args.init_from)
+        return (args.code_embedding or saved.code_embedding_type, args.code_head or saved.code_head)
+    codebook_size = args.codebook_size or DapsConfig.from_preset(preset).codebook_size
+    lattice = (args.method == "daps" and preset in DAPS_LATTICE_PRESETS
+               and (bool(args.fsq_levels) or codebook_size in FSQ_LEVELS))
+    return (args.code_embedding or ("lattice" if lattice else "learned"),
+            args.code_head or ("factorized" if lattice else "full"))
+
+
 def resolve_defaults(args: TrainArguments) -> TrainArguments:
     if args.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}.")
@@ -250,8 +266,11 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
     head_initializer_range = args.head_initializer_range
     if head_initializer_range is None and args.method in ("daps", "daps-na"):
         head_initializer_range = DAPS_HEAD_INITIALIZER_RANGE
+    code_embedding, code_head = _resolve_code_choices(args, preset)
     return replace(
         args,
+        code_embedding=code_embedding,
+        code_head=code_head,
         update_samples=update_samples,
         usage_weight=usage_weight,
         head_initializer_range=head_initializer_range,
