@@ -682,13 +682,15 @@ def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path
 
 
 def test_daps_on_the_mnist_preset_defaults_to_the_lattice_input_and_factorized_head(tmp_path):
-    # The preset's choice (benchmarks/RESULTS.md, "Twenty-second session"): daps on mnist only, flags still win.
-    args = resolve_defaults(TrainArguments(dataset="mnist-5k"))
-    assert (args.code_embedding, args.code_head) == ("lattice", "factorized")
-    config, _ = build_config(args, image_size=28, num_channels=1)
-    assert config.code_embedding_type == "lattice" and config.code_head == "factorized"
-    assert config.fsq_levels == [4, 4, 4, 4] and config.codebook_size == 256
-    for other in (dict(method="daps-na"), dict(method="gumbel"), dict(dataset="photo-crops"),
+    # The preset's choice (benchmarks/RESULTS.md, "Twenty-second and twenty-third sessions"): daps and daps-na on
+    # mnist only, flags still win.
+    for method in ("daps", "daps-na"):
+        args = resolve_defaults(TrainArguments(dataset="mnist-5k", method=method))
+        assert (args.code_embedding, args.code_head) == ("lattice", "factorized"), method
+        config, _ = build_config(args, image_size=28, num_channels=1)
+        assert config.code_embedding_type == "lattice" and config.code_head == "factorized", method
+        assert config.fsq_levels == [4, 4, 4, 4] and config.codebook_size == 256, method
+    for other in (dict(method="gumbel"), dict(method="gumbel-na"), dict(dataset="photo-crops"),
                   dict(dataset="mnist-5k", codebook_size=100)):  # 100 has no default lattice levels
         resolved = resolve_defaults(TrainArguments(**other))
         assert (resolved.code_embedding, resolved.code_head) == ("learned", "full"), other

@@ -28,10 +28,11 @@ DAPS_BETA_ENDS = {"mnist": 0.5}
 KMEANS_START_PRESETS = ("cifar", "imagenet")
 USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 
-# Presets where DAPS's codes enter the decoder as FSQ lattice points and its code head is factorised per lattice
-# coordinate (--code_embedding lattice --code_head factorized; benchmarks/RESULTS.md, "Twenty-second and twenty-third sessions"): on
-# mnist it gained 0.61 dB test PSNR at 10 CPU-minutes, ahead on each of three seeds, at 12 % fewer steps. On the
-# natural-image presets it was level before the k-means start, which needs learned code embeddings.
+# Presets where the codes of daps and daps-na enter the decoder as FSQ lattice points and the code head is factorised
+# per lattice coordinate (--code_embedding lattice --code_head factorized; benchmarks/RESULTS.md, "Twenty-second and
+# twenty-third sessions"): on mnist it gained DAPS 0.61 dB test PSNR at 10 CPU-minutes, ahead on each of three seeds,
+# and DAPS-NA read 18.54 against 17.80 with the learned input. On the natural-image presets it was level before the
+# k-means start, which needs learned code embeddings.
 DAPS_LATTICE_PRESETS = ("mnist",)
 
 # The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.
@@ -143,10 +144,10 @@ class TrainArguments:
     code_embedding: str | None = field(default=None, metadata={"help": "Categorical methods: how a code enters the "
                                 "decoder: 'learned' (a free vector per code) or 'lattice' (the fixed point of the FSQ "
                                 "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input). "
-                                "Default: lattice for daps with the mnist preset, else learned."})
+                                "Default: lattice for daps and daps-na with the mnist preset, else learned."})
     code_head: str | None = field(default=None, metadata={"help": "Categorical methods: 'full' (V logits per code) or "
                            "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels). "
-                           "Default: factorized for daps with the mnist preset, else full."})
+                           "Default: factorized for daps and daps-na with the mnist preset, else full."})
     pixel_paths: bool | None = field(default=None, metadata={"help": "Categorical methods: linear paths between a "
                                      "code and the pixels of its own patch (a pixel head on the encoder's logits, a "
                                      "pixel block per code added to the decoder's output); zero unless "
