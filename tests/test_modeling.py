@@ -250,24 +250,28 @@ def test_lattice_code_embedding_is_the_fsq_decoder_input_and_is_never_trained(en
     assert torch.equal(loaded.embed_codes(codes), model.embed_codes(codes))
 
 
-@pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
-def test_factorized_code_head_is_an_exact_product_of_coordinate_softmaxes(encoder, tmp_path):
-    model = make_model("tiny", encoder_type=encoder, code_head="factorized", fsq_levels=[2, 8],
+@pytest.mark.parametrize("encoder,levels", [("autoregressive", [2, 8]), ("parallel", [2, 8]),
+                                            ("autoregressive", [4, 2, 2])])
+def test_factorized_code_head_is_an_exact_product_of_coordinate_softmaxes(encoder, levels, tmp_path):
+    model = make_model("tiny", encoder_type=encoder, code_head="factorized", fsq_levels=levels,
                        head_initializer_range=0.5)
     head = model.code_transformer.head
-    assert head.out_features == 2 + 8
+    assert head.out_features == sum(levels)
     x = random_images(model.config, 3)
     out = model.encode(x, num_samples=6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out.log_prob, model.log_prob(x, out.codes), atol=1e-5, rtol=1e-5)
     memory = model.encode_patches(x)
     logits = model.code_logits(memory, out.codes)                                    # (B, K, L, V)
     torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(logits.shape[:-1]), atol=1e-5, rtol=0)
-    # log q(code) = log q_1(code mod 2) + log q_2(code div 2), from the head's raw outputs.
+    # log q(code) = Σ_d log q_d(coordinate d), coordinate d = (code // Π_{e<d} levels_e) mod levels_d (the first
+    # varies fastest; for [2, 8]: log q_1(code mod 2) + log q_2(code div 2)), from the head's raw outputs.
     codes = torch.arange(16)
-    hidden = torch.randn(5, model.config.hidden_size)
-    raw = head(model.code_transformer.norm(hidden))
-    first, second = raw[:, :2].log_softmax(-1), raw[:, 2:].log_softmax(-1)
-    expected = first[:, codes % 2] + second[:, codes // 2]
+    hidden = torch.randn(5, 3, model.config.hidden_size)
+    parts = head(model.code_transformer.norm(hidden)).split(levels, dim=-1)
+    expected, stride = torch.zeros(5, 3, 16), 1
+    for part, level in zip(parts, levels):
+        expected += part.log_softmax(-1)[..., (codes // stride) % level]
+        stride *= level
     torch.testing.assert_close(model.code_transformer.project(hidden), expected)
     greedy = model.encode(x).codes
     model.save_pretrained(tmp_path)
