@@ -21,14 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from tokenizer.modeling_daps import DapsCodeTransformer, DapsFiniteScalarQuantizer
-from training import trainer
-from training.arguments import TrainArguments
-from training.data import binarize, load_image_splits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenizer.modeling_daps import DapsCodeTransformer, DapsFiniteScalarQuantizer  # noqa: E402
+from training import trainer  # noqa: E402
+from training.arguments import TrainArguments  # noqa: E402
+from training.data import binarize, load_image_splits  # noqa: E402
 
 
 def gathered_project(transformer: DapsCodeTransformer):

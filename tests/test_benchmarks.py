@@ -6,6 +6,7 @@ limit, the inference and training tables, the step-time ratios and the FLOP coun
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -57,3 +58,19 @@ def test_decoder_polish_benchmark_reports_each_learning_rate(tmp_path):
     for lr in ("0.001", "0.0001"):
         # One PSNR per evaluated step, then the CPU seconds and the test PSNR.
         assert re.search(rf"^\| {lr} \|( [0-9.]+ \|){{5}}$", report, flags=re.MULTILINE), lr
+
+
+def test_code_head_cost_benchmark_times_three_steps_and_checks_the_two_head_forms_agree(tmp_path):
+    output = tmp_path / "code_head_cost.json"
+    command = [sys.executable, "benchmarks/code_head_cost.py", "--rounds", "2", "--batch-size", "8", "--method",
+               "daps-na", "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    figures = json.loads(output.read_text())
+    assert set(figures["median_step_seconds"]) == {"learned + full", "lattice + factorized, gather",
+                                                  "lattice + factorized"}
+    assert all(seconds > 0 for seconds in figures["median_step_seconds"].values())
+    assert all(len(values) == 2 for values in figures["step_seconds"].values())
+    # The gather (the reference) and the model's outer sum give the same log-probabilities.
+    assert figures["max_log_prob_difference"] < 1e-4
+    assert (figures["num_samples"], figures["update_samples"]) == (6, 2)
