@@ -384,8 +384,9 @@ class DapsCodeTransformer(nn.Module):
             return output
         parts = [torch.log_softmax(part, dim=-1) for part in output.float().split(self.levels, dim=-1)]
         # Code c has coordinates (c // basis_d) % levels_d, the first coordinate varying fastest (mixed radix). An outer
-        # sum from the last coordinate inwards lays the V sums out in code order with broadcast adds only: about 5×
-        # faster forward and backward than gathering (..., V, D) columns and summing (benchmarks/RESULTS.md).
+        # sum from the last coordinate inwards lays the V sums out in code order with broadcast adds only. Gathering
+        # (..., V, D) columns and summing gives the same values but made the mnist DAPS step 1.18× slower
+        # (benchmarks/code_head_cost.py; benchmarks/RESULTS.md, "Twenty-fourth session").
         log_probs = parts[-1]
         for part in reversed(parts[:-1]):
             log_probs = (log_probs[..., :, None] + part[..., None, :]).flatten(-2)
