@@ -140,6 +140,34 @@ def test_usage_weight_defaults_to_the_presets():
     assert resolve_defaults(TrainArguments(dataset="mnist-5k", usage_weight=0.1)).usage_weight == 0.1
 
 
+def test_weight_decay_defaults_to_the_presets():
+    # 0.1 on the digits presets, where the small training split overfits, for every method; 1e-4 elsewhere; a value
+    # given is kept, and a bad one is refused.
+    for method in ("daps", "daps-na", "fsq", "vq"):
+        assert resolve_defaults(TrainArguments(dataset="mnist-5k", method=method)).weight_decay == 0.1
+    assert resolve_defaults(TrainArguments(dataset="digits")).weight_decay == 0.1
+    assert resolve_defaults(TrainArguments(dataset="photo-crops")).weight_decay == 1e-4
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", weight_decay=0.0)).weight_decay == 0.0
+    assert resolve_defaults(TrainArguments(dataset="photo-crops", weight_decay=0.05)).weight_decay == 0.05
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="weight_decay"):
+            resolve_defaults(TrainArguments(weight_decay=bad))
+
+
+def test_the_optimizer_gets_the_resolved_weight_decay(tmp_path, monkeypatch):
+    seen = []
+    real = torch.optim.AdamW
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["weight_decay"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    train(tiny_args(tmp_path, max_steps=1, polish_fraction=0.0))
+    assert seen == [0.1]
+    assert json.loads((tmp_path / "run" / "train_args.json").read_text())["weight_decay"] == 0.1
+
+
 def test_augmentations_reach_the_training_batches(tmp_path):
     weights = []
     for name, rotate in (("plain", False), ("rotated", True)):

@@ -23,8 +23,8 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DATASET_PRESETS, KMEANS_START_PRESETS,
-                        METHODS, USAGE_WEIGHTS, TrainArguments)
+from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DATASET_PRESETS, DEFAULT_WEIGHT_DECAY,
+                        KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS, TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod, decoder_parameters
@@ -250,6 +250,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--polish_learning_rate must be a positive number, got {args.polish_learning_rate}.")
     if not 0 < args.ess_target <= 1:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
     beta_start, beta_end = BETA_SCHEDULES.get(preset, BETA_SCHEDULES["cifar"])
     if args.method in ("daps", "daps-na"):
@@ -274,6 +276,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         code_head=code_head,
         update_samples=update_samples,
         usage_weight=usage_weight,
+        weight_decay=args.weight_decay if args.weight_decay is not None
+        else WEIGHT_DECAYS.get(preset, DEFAULT_WEIGHT_DECAY),
         head_initializer_range=head_initializer_range,
         beta_start=args.beta_start if args.beta_start is not None else beta_start,
         beta_end=args.beta_end if args.beta_end is not None else beta_end,
