@@ -31,7 +31,7 @@ USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 # AdamW weight decay per preset, 1e-4 where none is named (benchmarks/RESULTS.md, "Twenty-fourth session",
 # "Twenty-fifth session"): on mnist, whose 4,000 training digits every method overfits within minutes, 0.1 instead of
 # 1e-4 gained test PSNR at 10 CPU-minutes for each method measured: DAPS +0.36 dB (three seeds), DAPS-NA +0.33, FSQ
-# +0.45, VQ +0.80 (two seeds each). Every method gets it, the baselines included (Gumbel-softmax was not measured).
+# +0.45, VQ +0.79 (two seeds each), Gumbel-softmax +0.25 (one seed). Every method gets it, the baselines included.
 WEIGHT_DECAYS = {"mnist": 0.1}
 DEFAULT_WEIGHT_DECAY = 1e-4
 
