@@ -256,7 +256,9 @@ def main() -> None:
             folder, metrics = finished[(run, seed)]
             train_metrics = json.loads((folder / "metrics.json").read_text())
             per_seed.append({**metrics, "steps": train_metrics["steps"], "validation_psnr": train_metrics["psnr"],
-                             "train_seconds": train_metrics["training_seconds"], "curve": curve(folder)})
+                             "train_seconds": train_metrics["training_seconds"], "curve": curve(folder),
+                             **{key: train_metrics[key] for key in ("best_model_step", "best_model_eval_psnr")
+                                if key in train_metrics}})
         table[run] = per_seed
         print(run, fmt([m["psnr"] for m in per_seed]), "dB")
 

@@ -191,6 +191,12 @@ class TrainArguments:
     init_from: str | None = field(default=None, metadata={"help": "Start from a saved tokenizer folder (fine-tuning)."})
     eval_every: int = field(default=250, metadata={"help": "Held-out evaluation every N steps (0: only at the end)."})
     eval_images: int = field(default=500, metadata={"help": "Held-out images per periodic evaluation (all at the end)."})
+    load_best_model_at_end: bool = field(default=False, metadata={"help": "Keep the weights of the periodic "
+                                          "evaluation with the highest held-out PSNR (every --eval_every steps, and "
+                                          "where the decoder polish starts) and return to them when training ends, "
+                                          "before the polish when there is one, so that the polish trains the decoder "
+                                          "on the chosen encoder's codes. Selection reads the validation images only "
+                                          "(benchmarks/quality.py reports the test split). Needs --eval_every > 0."})
     save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint in output_dir."})

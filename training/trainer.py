@@ -252,6 +252,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}.")
+    if args.load_best_model_at_end and args.eval_every <= 0:
+        raise ValueError("--load_best_model_at_end chooses among the periodic evaluations: give --eval_every > 0.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
     beta_start, beta_end = BETA_SCHEDULES.get(preset, BETA_SCHEDULES["cifar"])
     if args.method in ("daps", "daps-na"):
@@ -450,12 +452,17 @@ def train(args: TrainArguments) -> dict:
 
     step, elapsed, history, skipped = 0, 0.0, [], 0
     polish_from = None   # the step the decoder polish began (--polish_fraction), once it has
+    # --load_best_model_at_end: the best periodic evaluation so far (validation PSNR, its step, a CPU copy of the
+    # weights); checkpointed with the run, so a resumed run chooses among the same evaluations.
+    best = {"psnr": None, "step": None, "weights": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = load_trainer_state(resume_from)
         step, elapsed, skipped = state["step"], state["elapsed"], state["skipped"]
         history = state["history"]
         polish_from = state.get("polish_from")
+        if state.get("best"):
+            best.update(state["best"])
         sampler.load_state_dict(state["sampler"])
         generator.set_state(state["generators"][rank]["sampling"])
         binarize_generator.set_state(state["generators"][rank]["binarize"])
@@ -498,6 +505,7 @@ def train(args: TrainArguments) -> dict:
             "step": step, "elapsed": elapsed, "skipped": skipped, "history": history, "polish_from": polish_from,
             "sampler": sampler.state_dict(), "generators": states,
             "method": inner.state_dict_extra() if hasattr(inner, "state_dict_extra") else {},
+            "best": best if args.load_best_model_at_end else None,
         }
         save_checkpoint(accelerator, checkpoint_dir, step, trainer_state, keep=args.keep_checkpoints)
 
@@ -516,6 +524,12 @@ def train(args: TrainArguments) -> dict:
         eval_row = {"step": step, "time": round(elapsed, 3), **{f"eval/{k}": v for k, v in metrics.items()}}
         if polish_start:
             eval_row["polish_start"] = True
+        if (args.load_best_model_at_end and not polishing["on"] and math.isfinite(metrics["psnr"])
+                and (best["psnr"] is None or metrics["psnr"] > best["psnr"])):
+            # Polish steps are not candidates: the choice is among encoders, which the polish then serves.
+            best.update(psnr=metrics["psnr"], step=step,
+                        weights={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            eval_row["best_so_far"] = True
         history.append(eval_row)
         if accelerator.is_main_process:
             with open(log_path, "a") as handle:
@@ -557,6 +571,16 @@ def train(args: TrainArguments) -> dict:
             return None
         return torch.full((len(splits.train), config.num_tokens), -1, dtype=torch.long)
 
+    def restore_best() -> None:
+        """--load_best_model_at_end: return to the weights of the best evaluation (all of them: encoder, decoder,
+        code table, buffers). The optimiser's moments stay as they are; only the polish steps after this use them."""
+        if not args.load_best_model_at_end or best["weights"] is None or best["step"] == step:
+            return
+        model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in best["weights"].items()})
+        if accelerator.is_main_process:
+            logger.info("Returned to the weights of step %d (held-out PSNR %.2f dB, the best periodic evaluation) "
+                        "from step %d", best["step"], best["psnr"], step)
+
     def greedy_codes(pixel_values: torch.Tensor) -> torch.Tensor:
         model.eval()
         with torch.no_grad():
@@ -575,6 +599,8 @@ def train(args: TrainArguments) -> dict:
             if args.eval_every and not resumed_in_polish and not evaluated_here:
                 # Where the polish starts from, on the validation images (not charged to the budget).
                 log_evaluation(polish_start=True)
+            if not resumed_in_polish:
+                restore_best()   # not charged to the budget, like the evaluations it chooses among
             started = clock()
             polish_codes = start_polish()
             elapsed += clock() - started
@@ -666,6 +692,10 @@ def train(args: TrainArguments) -> dict:
         if args.save_every and step % args.save_every == 0 and step < args.max_steps and not stop:
             checkpoint()
     bar.close()
+    if args.load_best_model_at_end and polish_at is None:
+        if not (history and history[-1].get("step") == step and "eval/psnr" in history[-1]):
+            log_evaluation()   # the run's last weights are a candidate too
+        restore_best()
     checkpoint()
 
     # ---- the finished tokenizer
@@ -680,6 +710,9 @@ def train(args: TrainArguments) -> dict:
     )
     if polish_at is not None:
         metrics["polish_from_step"] = polish_from
+    if args.load_best_model_at_end:
+        metrics["best_model_step"] = best["step"]
+        metrics["best_model_eval_psnr"] = best["psnr"]
     if monitor is not None and monitor.collapsed_at is not None:
         metrics["encoder_collapsed_at_step"] = monitor.collapsed_at
     if accelerator.is_main_process:
