@@ -129,4 +129,10 @@ def test_cli_reports_clear_errors(tmp_path):
     assert result.returncode == 2 and "unknown command" in result.stderr
     result = subprocess.run([sys.executable, "-m", "training", "train", "--method", "nope", "--output_dir",
                              str(tmp_path / "x")], env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "--method must be one of" in result.stderr
+    assert result.returncode == 2 and "--method must be one of" in result.stderr
+    assert "Traceback" not in result.stderr, "a bad setting should be a one-line error, not a traceback"
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--load_best_model_at_end", "--eval_every",
+                             "0", "--output_dir", str(tmp_path / "y")], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "--eval_every > 0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "y").exists()

@@ -29,11 +29,16 @@ def cmd_train(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from .arguments import TrainArguments
-    from .trainer import train
+    from .trainer import resolve_defaults, train
 
     parser = HfArgumentParser(TrainArguments, prog="daps train",
                               description="Train a DAPS tokenizer (or a baseline) and write a loadable folder.")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        resolve_defaults(args)   # a bad setting is a one-line error here, before anything is loaded or written
+    except ValueError as error:
+        print(f"daps train: error: {error}", file=sys.stderr)
+        return 2
     metrics = train(args)
     print(json.dumps({k: metrics[k] for k in ("psnr", "ssim", "code_usage", "neg_elbo_bits", "steps") if k in metrics}))
     return 0
