@@ -5,7 +5,6 @@ The validation PSNR of the periodic evaluations is scripted so that the best one
 last: a short run on real data improves almost every time, which would leave nothing to return to."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,11 @@ from tokenizer import DapsModel
 from training.arguments import TrainArguments
 from training.methods import decoder_parameters
 from training.trainer import resolve_defaults, train
+
+try:
+    from .run_folders import checkpoint_weights, copy_as_killed_after
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from run_folders import checkpoint_weights, copy_as_killed_after
 
 EVAL_IMAGES = 16
 
@@ -48,11 +52,6 @@ def scripted_psnr(monkeypatch):
         return remaining
 
     return script
-
-
-def checkpoint_weights(folder: Path, step: int) -> dict:
-    tensors = load_file(str(Path(folder) / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
-    return {name.removeprefix("model."): value for name, value in tensors.items()}
 
 
 def eval_rows(folder) -> list[dict]:
@@ -108,14 +107,8 @@ def test_a_resumed_run_remembers_the_best_evaluation(tmp_path, scripted_psnr):
     scripted_psnr([10.0, 30.0, 20.0, 20.0, 11.0, 12.0])
     train(best_args(tmp_path, polish_fraction=0.0))
     straight = tmp_path / "run"
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
     # As if killed after step 4's checkpoint, which holds the best evaluation (step 4) as well.
-    for folder in (resumed / "checkpoints").iterdir():
-        if int(folder.name.split("-")[1]) > 4:
-            shutil.rmtree(folder)
-    for name in ("model.safetensors", "metrics.json"):
-        (resumed / name).unlink()
+    resumed = copy_as_killed_after(straight, tmp_path / "resumed", 4)
     # The resumed run evaluates steps 6, 8, 10 and 12 again; none beats step 4's 30 dB, which it must remember.
     scripted_psnr([20.0, 20.0, 11.0, 12.0])
     metrics = train(best_args(tmp_path, name="resumed", polish_fraction=0.0, resume=True))

@@ -2,7 +2,6 @@
 encoder's greedy codes; it keeps the encoder exactly, resumes exactly, and refuses bad settings by name."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,11 @@ from tokenizer import DapsConfig, DapsModel
 from training.arguments import TrainArguments
 from training.methods import decoder_parameters, decoder_polish_step
 from training.trainer import resolve_defaults, train
+
+try:
+    from .run_folders import checkpoint_weights, copy_as_killed_after
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from run_folders import checkpoint_weights, copy_as_killed_after
 
 
 def polish_args(tmp_path, name="run", **overrides) -> TrainArguments:
@@ -25,12 +29,6 @@ def polish_args(tmp_path, name="run", **overrides) -> TrainArguments:
 
 def read_log(folder):
     return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
-
-
-def checkpoint_weights(folder: Path, step: int) -> dict:
-    # The checkpoint holds the prepared training method, whose model sits under "model.".
-    tensors = load_file(str(folder / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
-    return {name.removeprefix("model."): value for name, value in tensors.items()}
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +65,8 @@ def test_the_polish_moves_only_the_decoder_from_its_start(polished_run):
 def test_a_run_resumed_inside_the_polish_matches_the_uninterrupted_one(polished_run, tmp_path):
     args, _ = polished_run
     straight = Path(args.output_dir)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
     # As if the run had been killed after step 15's checkpoint: later checkpoints and the finished files are gone.
-    for folder in (resumed / "checkpoints").iterdir():
-        if int(folder.name.split("-")[1]) > 15:
-            shutil.rmtree(folder)
-    for name in ("model.safetensors", "metrics.json"):
-        (resumed / name).unlink()
+    resumed = copy_as_killed_after(straight, tmp_path / "resumed", 15)
     lines = (resumed / "log.jsonl").read_text().splitlines()
     (resumed / "log.jsonl").write_text("\n".join(lines[:15]) + "\n")
     metrics = train(polish_args(tmp_path, name="resumed", resume=True))
