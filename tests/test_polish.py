@@ -77,6 +77,27 @@ def test_a_run_resumed_inside_the_polish_matches_the_uninterrupted_one(polished_
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_the_polish_stops_the_run_after_polish_max_steps(tmp_path):
+    # Polish from step 10 of 20, capped at 7 steps: the run ends at step 17, its budget unspent.
+    args = polish_args(tmp_path, polish_max_steps=7)
+    metrics = train(args)
+    assert (metrics["polish_from_step"], metrics["polish_steps"], metrics["steps"]) == (10, 7, 17)
+    rows = [row for row in read_log(args.output_dir) if "loss" in row]
+    assert [row["step"] for row in rows if row.get("polish")] == list(range(11, 18))
+    assert rows[-1]["step"] == 17
+
+    # Killed after step 15's checkpoint, inside the polish: the resumed run makes the same two steps and stops.
+    resumed = copy_as_killed_after(Path(args.output_dir), tmp_path / "resumed", 15)
+    lines = (resumed / "log.jsonl").read_text().splitlines()
+    (resumed / "log.jsonl").write_text("\n".join(lines[:15]) + "\n")
+    again = train(polish_args(tmp_path, name="resumed", polish_max_steps=7, resume=True))
+    assert (again["polish_from_step"], again["polish_steps"], again["steps"]) == (10, 7, 17)
+    a = load_file(str(Path(args.output_dir) / "model.safetensors"))
+    b = load_file(str(resumed / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("method", ["fsq", "vq"])
 def test_quantiser_runs_polish_too_and_vq_keeps_its_codebook(tmp_path, method):
     args = polish_args(tmp_path, method=method, max_steps=8, save_every=4, polish_fraction=0.5)
@@ -132,3 +153,11 @@ def test_polish_learning_rate_defaults_to_a_tenth_and_must_be_positive():
     assert resolve_defaults(TrainArguments(learning_rate=2e-3)).polish_learning_rate == pytest.approx(2e-4)
     with pytest.raises(ValueError, match="--polish_learning_rate"):
         resolve_defaults(TrainArguments(polish_learning_rate=0.0))
+
+
+def test_polish_max_steps_defaults_to_a_thousand_and_must_be_a_non_negative_integer():
+    assert TrainArguments().polish_max_steps == 1000
+    assert resolve_defaults(TrainArguments(polish_max_steps=0)).polish_max_steps == 0   # no cap
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="--polish_max_steps"):
+            resolve_defaults(TrainArguments(polish_max_steps=bad))

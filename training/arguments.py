@@ -84,6 +84,12 @@ class TrainArguments:
                                    "included, is inside the budget. Every method; at 10 CPU-minutes on MNIST 2 %% "
                                    "raised DAPS's held-out PSNR by 0.35-0.41 dB and FSQ's and VQ's by 0.09-0.16 "
                                    "(benchmarks/RESULTS.md, 'Twentieth session'). 0 disables it."})
+    polish_max_steps: int = field(default=1000, metadata={"help": "The most decoder-polish steps a run takes: once "
+                                  "the polish has made this many the run ends, before its budget is spent. At the "
+                                  "polish learning rate the decoder overfits the frozen codes after about a thousand "
+                                  "steps (at 120 CPU-minutes on MNIST validation was highest within the first two "
+                                  "thousand and fell at every later evaluation; RESULTS.md, 'Twenty-seventh "
+                                  "session'). 0: no cap."})
     polish_learning_rate: float | None = field(default=None, metadata={"help": "The decoder's learning rate during the "
                                                "polish (default: a tenth of --learning_rate)."})
     beta_start: float | None = field(default=None, metadata={"help": "β at the start (default: the preset's)."})

@@ -245,6 +245,10 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--lr_end_fraction must be in [0, 1], got {args.lr_end_fraction}.")
     if not (math.isfinite(args.polish_fraction) and 0 <= args.polish_fraction < 1):
         raise ValueError(f"--polish_fraction must be in [0, 1), got {args.polish_fraction}.")
+    if isinstance(args.polish_max_steps, bool) or not isinstance(args.polish_max_steps, int) \
+            or args.polish_max_steps < 0:
+        raise ValueError(f"--polish_max_steps must be a non-negative integer (0: no cap), got "
+                         f"{args.polish_max_steps!r}.")
     if args.polish_learning_rate is not None and not (math.isfinite(args.polish_learning_rate)
                                                       and args.polish_learning_rate > 0):
         raise ValueError(f"--polish_learning_rate must be a positive number, got {args.polish_learning_rate}.")
@@ -610,6 +614,8 @@ def train(args: TrainArguments) -> dict:
                     logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g, "
                                 "trained on the encoder's greedy codes", step, 100 * progress_of(step, elapsed),
                                 args.polish_learning_rate)
+        if polishing["on"] and args.polish_max_steps and step - polish_from >= args.polish_max_steps:
+            break   # a run resumed after its polish's last step (the check below ends an uninterrupted one)
         started = clock()
         indices = next(sampler)
         local = indices[rank * (args.batch_size // world):(rank + 1) * (args.batch_size // world)]
@@ -662,6 +668,11 @@ def train(args: TrainArguments) -> dict:
         elapsed += clock() - started
         if args.max_time and elapsed >= args.max_time:
             stop = True
+        if polishing["on"] and args.polish_max_steps and step - polish_from >= args.polish_max_steps:
+            stop = True   # the polish has made its steps: more would fit the decoder to the training codes only
+            if accelerator.is_main_process:
+                logger.info("Decoder polish done after %d steps (--polish_max_steps): the run ends at step %d",
+                            step - polish_from, step)
 
         logging_now = step % args.log_every == 0 or step == 1
         if world > 1 and logging_now:
@@ -710,6 +721,7 @@ def train(args: TrainArguments) -> dict:
     )
     if polish_at is not None:
         metrics["polish_from_step"] = polish_from
+        metrics["polish_steps"] = None if polish_from is None else step - polish_from
     if args.load_best_model_at_end:
         metrics["best_model_step"] = best["step"]
         metrics["best_model_eval_psnr"] = best["psnr"]
