@@ -487,6 +487,68 @@ def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_p
     assert model.code_transformer.head.weight.grad is not None and model.code_embedding.weight.grad is not None
 
 
+def test_sample_reuse_repeats_the_update_on_the_last_steps_kept_samples(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    images = load_image_splits("digits").validation[:7]
+
+    def make(**options):
+        method = DapsMethod(model, 6, objective.make_eta_control("bisection", rho=0.33, num_samples=6),
+                            lambda progress: 0.5, decoder_weighting="posterior", update_samples=2, **options)
+        method.generator = torch.Generator().manual_seed(3)
+        return method
+
+    method = make(sample_reuse=2)
+    assert not method.replay_ready
+    with pytest.raises(RuntimeError, match="replay"):
+        method(images, images, progress=0.0, replay=True)
+    stats = method(images, images, progress=0.0)
+    assert method.replay_ready
+    # Under the same weights the replay is the step's own loss: the same kept codes and weights of the same images.
+    replayed = method(images, images, progress=0.0, replay=True)
+    torch.testing.assert_close(replayed["loss"], stats["loss"], rtol=1e-6, atol=1e-6)
+    # Without reuse nothing is kept; a polish step drops what was kept.
+    plain = make()
+    plain(images, images, progress=0.0)
+    assert not plain.replay_ready
+    method(images, images, progress=0.0, polish_codes=torch.zeros(7, config.num_tokens, dtype=torch.long))
+    assert not method.replay_ready
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="sample_reuse"):
+            make(sample_reuse=bad)
+    with pytest.raises(ValueError, match="sample_reuse"):
+        DapsMethod(model, 6, objective.make_eta_control("bisection", rho=0.33, num_samples=6), lambda progress: 0.5,
+                   sample_reuse=2)   # every sample updated: no kept samples to reuse
+
+
+@pytest.mark.parametrize("reuse, polish, expected_updates", [(1, 0.0, 4), (3, 0.0, 12), (3, 0.5, 8)])
+def test_sample_reuse_makes_that_many_optimiser_updates_per_daps_step(tmp_path, monkeypatch, reuse, polish,
+                                                                      expected_updates):
+    updates = []
+    real = torch.optim.AdamW.step
+
+    def counting(self, *args, **kwargs):
+        updates.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting)
+    metrics = train(tiny_args(tmp_path, max_steps=4, num_samples=6, update_samples=2, sample_reuse=reuse,
+                              polish_fraction=polish))
+    # Polish steps (the last two of four with 0.5) train the decoder once each: nothing is sampled to reuse.
+    assert metrics["steps"] == 4 and len(updates) == expected_updates and metrics["skipped_updates"] == 0
+
+
+def test_sample_reuse_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="--sample_reuse"):
+        resolve_defaults(TrainArguments(method="fsq", sample_reuse=2))
+    with pytest.raises(ValueError, match="--sample_reuse"):
+        resolve_defaults(TrainArguments(sample_reuse=2, gradient_accumulation_steps=2))
+
+
 def test_usage_weight_adds_the_marginal_usage_term_of_the_kept_samples(tmp_path):
     from training import objective
     from training.methods import DapsMethod

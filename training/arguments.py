@@ -116,6 +116,11 @@ class TrainArguments:
                                  "(largest weight first) the losses and their backward passes use; all K are still "
                                  "sampled, decoded and weighted without gradient. Default: ceil(ρK), as many as the "
                                  "ESS target (all K with decoder_weighting 'uniform' or greedy_candidate)."})
+    sample_reuse: int = field(default=1, metadata={"help": "DAPS with --update_samples M < K: optimiser updates per "
+                              "draw of samples. After a step's update, R − 1 more fit the encoder and decoder to the "
+                              "same images' M kept codes and weights (log q and rewards recomputed), so the K-sample "
+                              "draw and its no-grad decode are paid once per R updates. Needs "
+                              "--gradient_accumulation_steps 1."})
     usage_weight: float | None = field(default=None, metadata={"help": "DAPS: λ of the usage term added to the "
                                        "encoder loss, λ·L·(log V − I(token; image)), or λ·L·(log V − H(q̄)) without "
                                        "--usage_mutual_information (q̄: the batch's average code distribution). "

@@ -143,7 +143,7 @@ class DapsMethod(nn.Module):
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
                  kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
                  local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False,
-                 usage_margin: float = 0.0, proposal_temperature: float = 1.0):
+                 usage_margin: float = 0.0, proposal_temperature: float = 1.0, sample_reuse: int = 1):
         super().__init__()
         if isinstance(proposal_temperature, bool) or not isinstance(proposal_temperature, (int, float)) \
                 or not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
@@ -217,6 +217,13 @@ class DapsMethod(nn.Module):
             if update_samples < num_samples and greedy_candidate:
                 raise ValueError("update_samples < num_samples cannot be combined with greedy_candidate.")
         self.update_samples = None if update_samples in (None, num_samples) else update_samples
+        if isinstance(sample_reuse, bool) or not isinstance(sample_reuse, int) or sample_reuse < 1:
+            raise ValueError(f"sample_reuse must be an integer >= 1, got {sample_reuse!r}.")
+        if sample_reuse > 1 and (self.update_samples is None or credit == "token" or proposal != "sampled"):
+            raise ValueError("sample_reuse > 1 repeats the update on a step's kept samples: it needs update_samples "
+                             "< num_samples, credit 'sequence' and proposal 'sampled'.")
+        self.sample_reuse = sample_reuse
+        self._replay = None   # sample_reuse > 1: the last step's (pixel values, targets, kept codes, kept weights)
         self.usage_weight = float(usage_weight)
         self.usage_weight_end = self.usage_weight if usage_weight_end is None else float(usage_weight_end)
         self._usage_now = self.usage_weight
@@ -237,7 +244,10 @@ class DapsMethod(nn.Module):
         self.last_token_weights: torch.Tensor | None = None   # credit "token": the last step's (B, K, L) weights
 
     def forward(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float,
-                polish_codes: torch.Tensor | None = None, touch_all: bool = False) -> dict:
+                polish_codes: torch.Tensor | None = None, touch_all: bool = False, replay: bool = False) -> dict:
+        if replay:
+            return self._replay_step()
+        self._replay = None
         if polish_codes is not None:
             self._pending = None   # no DAPS weights this step: nothing for the η control
             return decoder_polish_step(self.model, polish_codes, targets, touch_all)
@@ -354,8 +364,33 @@ class DapsMethod(nn.Module):
             encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, usage_weights)
             extra.update(usage)
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
+        if self.sample_reuse > 1:
+            self._replay = (pixel_values, targets, kept_codes, kept_weights.detach())
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach(), **extra)
+
+    @property
+    def replay_ready(self) -> bool:
+        """Whether the last forward kept its samples for `forward(..., replay=True)` (sample_reuse > 1)."""
+        return self._replay is not None
+
+    def _replay_step(self) -> dict:
+        """One more update on the last step's kept samples (`sample_reuse` > 1): the same images, the same M codes
+        and weights (so the same q* and η), their log q and rewards recomputed with gradient under the weights the
+        previous update left. The K-sample draw and its no-grad decode, a large share of a step, are not repeated.
+        Returns {"loss"}; the step's statistics are the sampling forward's."""
+        if self._replay is None:
+            raise RuntimeError("replay=True needs a DAPS step on kept samples just before it (sample_reuse > 1).")
+        pixel_values, targets, kept_codes, kept_weights = self._replay
+        model = self.model
+        memory = model.encode_patches(pixel_values)
+        log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
+        encoder_loss = objective.encoder_loss(log_q.float(), kept_weights)
+        if self._usage_now > 0:
+            encoder_loss, _ = self._add_usage_term(encoder_loss, log_probs, kept_weights)
+        kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)
+        decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
+        return {"loss": encoder_loss + decoder_loss}
 
     def _forward_local(self, pixel_values: torch.Tensor, targets: torch.Tensor, progress: float) -> dict:
         """A DAPS step on single-token changes of the greedy code (proposal "local").

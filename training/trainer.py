@@ -245,6 +245,12 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--lr_end_fraction must be in [0, 1], got {args.lr_end_fraction}.")
     if not (math.isfinite(args.polish_fraction) and 0 <= args.polish_fraction < 1):
         raise ValueError(f"--polish_fraction must be in [0, 1), got {args.polish_fraction}.")
+    if args.sample_reuse != 1:
+        if args.method not in ("daps", "daps-na"):
+            raise ValueError(f"--sample_reuse is a DAPS option; --method {args.method} has no samples to reuse.")
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError("--sample_reuse > 1 needs --gradient_accumulation_steps 1 (it repeats one update on the "
+                             "batch's kept samples).")
     if isinstance(args.polish_max_steps, bool) or not isinstance(args.polish_max_steps, int) \
             or args.polish_max_steps < 0:
         raise ValueError(f"--polish_max_steps must be a non-negative integer (0: no cap), got "
@@ -320,7 +326,8 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           else bool(model.config.pixel_paths and not args.init_from),
                           kmeans_temperature=args.kmeans_temperature, proposal=args.proposal,
                           local_candidates=args.local_candidates, local_colours=args.local_colours,
-                          local_kl=args.local_kl, fixed_code_blocks=args.fixed_code_blocks)
+                          local_kl=args.local_kl, fixed_code_blocks=args.fixed_code_blocks,
+                          sample_reuse=args.sample_reuse)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
@@ -659,6 +666,18 @@ def train(args: TrainArguments) -> dict:
                     else:
                         skipped += 1  # a non-finite update is dropped, never applied
                     optimizer.zero_grad(set_to_none=True)
+            for _ in range(args.sample_reuse - 1 if getattr(inner, "replay_ready", False) else 0):
+                # --sample_reuse: more updates on this step's kept samples (time charged to the step).
+                with accelerator.autocast():
+                    replayed = method(pixel_values, targets, progress_of(step, elapsed), replay=True)
+                accelerator.backward(replayed["loss"])
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                if math.isfinite(grad_norm) and math.isfinite(replayed["loss"].item()):
+                    optimizer.step()
+                else:
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
             for key, value in out.items():
                 value = value.item() if isinstance(value, torch.Tensor) else value
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
