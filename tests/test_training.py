@@ -542,6 +542,31 @@ def test_sample_reuse_makes_that_many_optimiser_updates_per_daps_step(tmp_path, 
     assert metrics["steps"] == 4 and len(updates) == expected_updates and metrics["skipped_updates"] == 0
 
 
+@pytest.mark.parametrize("choice", ["sampled", "expected"])
+def test_bernoulli_targets_are_a_fresh_binarisation_or_the_grey_levels(tmp_path, monkeypatch, choice):
+    from training.methods import DapsMethod
+
+    seen = []
+    real = DapsMethod.forward
+
+    def recording(self, pixel_values, targets, *args, **kwargs):
+        seen.append((pixel_values.detach().clone(), targets.detach().clone()))
+        return real(self, pixel_values, targets, *args, **kwargs)
+
+    monkeypatch.setattr(DapsMethod, "forward", recording)
+    metrics = train(tiny_args(tmp_path, max_steps=3, polish_fraction=0.0, bernoulli_targets=choice))
+    assert metrics["steps"] == 3 and metrics["skipped_updates"] == 0 and len(seen) == 3
+    for pixel_values, targets in seen:
+        grey = ((pixel_values > 0) & (pixel_values < 1)).any()
+        assert grey   # the digits have grey levels, so the two choices differ
+        if choice == "expected":
+            assert torch.equal(targets, pixel_values)
+        else:
+            assert set(targets.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="--bernoulli_targets"):
+        resolve_defaults(TrainArguments(bernoulli_targets="soft"))
+
+
 def test_sample_reuse_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="--sample_reuse"):
         resolve_defaults(TrainArguments(method="fsq", sample_reuse=2))

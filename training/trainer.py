@@ -239,6 +239,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
     if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
         raise ValueError(f"--warm_start_steps and --kmeans_init are DAPS options (method daps or daps-na), got "
                          f"--method {args.method}.")
+    if args.bernoulli_targets not in ("sampled", "expected"):
+        raise ValueError(f"--bernoulli_targets must be 'sampled' or 'expected', got {args.bernoulli_targets!r}.")
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}.")
     if not 0 <= args.lr_end_fraction <= 1:
@@ -634,8 +636,10 @@ def train(args: TrainArguments) -> dict:
                 images = augment_images(images, args.seed, step, micro, flip=args.augment_flip,
                                         rotate=args.augment_rotate, permute_channels=args.augment_channels)
             pixel_values = to_model_input(images, config).to(accelerator.device)
-            targets = binarize(images, generator=binarize_generator).to(accelerator.device) \
-                if config.likelihood == "bernoulli" else pixel_values
+            if config.likelihood == "bernoulli" and args.bernoulli_targets == "sampled":
+                targets = binarize(images, generator=binarize_generator).to(accelerator.device)
+            else:
+                targets = pixel_values   # Gaussian; or Bernoulli scored on the grey levels (the expectation)
             codes = None
             if polishing["on"]:
                 if polish_codes is None:
