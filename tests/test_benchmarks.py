@@ -74,3 +74,34 @@ def test_code_head_cost_benchmark_times_three_steps_and_checks_the_two_head_form
     # The gather (the reference) and the model's outer sum give the same log-probabilities.
     assert figures["max_log_prob_difference"] < 1e-4
     assert (figures["num_samples"], figures["update_samples"]) == (6, 2)
+
+
+def test_step_phases_benchmark_times_each_phase_of_a_daps_step():
+    command = [sys.executable, "benchmarks/step_phases.py", "--rounds", "2", "--batch-size", "8"]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for phase in ("whole step", "draw K codes", "decode K codes \\(no grad\\)", "update on M = 2 codes"):
+        row = re.search(rf"^\| {phase} \| ([0-9.]+) \| ([0-9]+)% \|$", completed.stdout, flags=re.MULTILINE)
+        assert row is not None and float(row.group(1)) > 0, phase
+
+
+def test_reward_noise_benchmark_compares_binarised_and_expected_targets(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "training", "train", "--dataset", "digits", "--max_steps", "3", "--batch_size", "16",
+             "--num_samples", "4", "--eval_every", "0", "--save_every", "0", "--progress", "false", "--num_threads", "1",
+             "--output_dir", str(run)]
+    completed = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = tmp_path / "noise.md"
+    command = [sys.executable, "benchmarks/reward_noise.py", str(run), "--dataset", "digits", "--images", "32",
+               "--num-samples", "4", "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = output.read_text()
+    assert "benchmarks/reward_noise.py" in report
+    same = re.search(r"^\| heaviest sample the same under the two binarisations \| ([0-9.]+) \|$", report,
+                     flags=re.MULTILINE)
+    assert same is not None and 0 <= float(same.group(1)) <= 1
+    noise = re.search(r"^\| binarisation noise in the centred rewards \(nats\) \| ([0-9.]+) / ([0-9.]+) \|$", report,
+                      flags=re.MULTILINE)
+    assert noise is not None and float(noise.group(1)) > 0   # the digits have grey levels: binarising moves rewards
