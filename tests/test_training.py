@@ -567,6 +567,14 @@ def test_bernoulli_targets_are_a_fresh_binarisation_or_the_grey_levels(tmp_path,
         resolve_defaults(TrainArguments(bernoulli_targets="soft"))
 
 
+def test_bernoulli_targets_default_to_the_expectation_for_daps_only():
+    # Measured on MNIST at 10 CPU-minutes (RESULTS.md, twenty-eighth session): DAPS gained, FSQ lost.
+    assert resolve_defaults(TrainArguments(method="daps")).bernoulli_targets == "expected"
+    for method in ("daps-na", "fsq", "vq", "gumbel"):
+        assert resolve_defaults(TrainArguments(method=method)).bernoulli_targets == "sampled", method
+    assert resolve_defaults(TrainArguments(method="daps", bernoulli_targets="sampled")).bernoulli_targets == "sampled"
+
+
 def test_sample_reuse_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="--sample_reuse"):
         resolve_defaults(TrainArguments(method="fsq", sample_reuse=2))

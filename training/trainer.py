@@ -239,7 +239,7 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
     if (args.warm_start_steps or args.kmeans_init) and args.method not in ("daps", "daps-na"):
         raise ValueError(f"--warm_start_steps and --kmeans_init are DAPS options (method daps or daps-na), got "
                          f"--method {args.method}.")
-    if args.bernoulli_targets not in ("sampled", "expected"):
+    if args.bernoulli_targets not in (None, "sampled", "expected"):
         raise ValueError(f"--bernoulli_targets must be 'sampled' or 'expected', got {args.bernoulli_targets!r}.")
     if args.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}.")
@@ -288,6 +288,7 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         args,
         code_embedding=code_embedding,
         code_head=code_head,
+        bernoulli_targets=args.bernoulli_targets or ("expected" if args.method == "daps" else "sampled"),
         update_samples=update_samples,
         usage_weight=usage_weight,
         weight_decay=args.weight_decay if args.weight_decay is not None
