@@ -41,13 +41,18 @@ def test_speed_benchmark_writes_every_table(tmp_path):
     assert flops is not None and all(float(value) > 0 for value in flops.groups())
 
 
-def test_decoder_polish_benchmark_reports_each_learning_rate(tmp_path):
-    run = tmp_path / "run"
+def train_tiny_daps_run(run: Path) -> Path:
+    """A 3-step DAPS run on the built-in digits, in a child process: a run folder for the scripts that read one."""
     train = [sys.executable, "-m", "training", "train", "--dataset", "digits", "--max_steps", "3", "--batch_size", "16",
              "--num_samples", "4", "--eval_every", "0", "--save_every", "0", "--progress", "false", "--num_threads", "1",
              "--output_dir", str(run)]
     completed = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
+    return run
+
+
+def test_decoder_polish_benchmark_reports_each_learning_rate(tmp_path):
+    run = train_tiny_daps_run(tmp_path / "run")
     output = tmp_path / "polish.md"
     command = [sys.executable, "benchmarks/decoder_polish.py", str(run), "--learning-rates", "1e-3", "1e-4",
                "--steps", "4", "--every", "2", "--output", str(output)]
@@ -86,12 +91,7 @@ def test_step_phases_benchmark_times_each_phase_of_a_daps_step():
 
 
 def test_reward_noise_benchmark_compares_binarised_and_expected_targets(tmp_path):
-    run = tmp_path / "run"
-    train = [sys.executable, "-m", "training", "train", "--dataset", "digits", "--max_steps", "3", "--batch_size", "16",
-             "--num_samples", "4", "--eval_every", "0", "--save_every", "0", "--progress", "false", "--num_threads", "1",
-             "--output_dir", str(run)]
-    completed = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    run = train_tiny_daps_run(tmp_path / "run")
     output = tmp_path / "noise.md"
     command = [sys.executable, "benchmarks/reward_noise.py", str(run), "--dataset", "digits", "--images", "32",
                "--num-samples", "4", "--output", str(output)]
