@@ -279,6 +279,59 @@ def test_factorized_code_head_is_an_exact_product_of_coordinate_softmaxes(encode
     assert torch.equal(loaded.encode(x).codes, greedy)
 
 
+@pytest.mark.parametrize("encoder,levels", [("autoregressive", [4, 2, 2]), ("parallel", [2, 8])])
+def test_factorized_head_samples_each_coordinate_and_follows_q(encoder, levels):
+    """The factorized head draws a code one lattice coordinate at a time: the sampled codes' frequencies must match
+    q's V probabilities (a wrong coordinate order would not), and their log q must be the teacher-forced one."""
+    model = make_model("tiny", encoder_type=encoder, num_tokens=4, code_head="factorized", fsq_levels=levels,
+                       head_initializer_range=0.5)
+    x = random_images(model.config, 1)
+    out = model.encode(x, num_samples=20000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_probs = model.code_logits(model.encode_patches(x), out.codes[:, :2])        # (1, 2, L, V)
+    probs = log_probs[0, 0, 0].exp()                     # the first position's q does not depend on the codes
+    freq = torch.bincount(out.codes[0, :, 0], minlength=model.config.codebook_size).float() / 20000
+    assert probs.max() < 0.9 and (freq - probs).abs().max() < 0.015
+    torch.testing.assert_close(out.log_prob[0, :2], log_probs[0].gather(-1, out.codes[0, :2, :, None])[..., 0].sum(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_factorized_sampling_is_gumbel_max_per_coordinate(temperature):
+    """The factorized head's cached loop, written out plainly: at each position one uniform draw (N, Σ levels) from
+    the generator, each coordinate the argmax of its log-softmax / τ − log(−log u) over its own columns, the code
+    Σ_d coordinate_d · Π_{e<d} levels_e; log q and the proposal's log-probability (q at τ) summed over tokens."""
+    levels = [4, 2, 2]
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=8, code_head="factorized", fsq_levels=levels)).eval()
+    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
+    k = 4
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        codes, log_q, log_proposal = model._sample_from_memory(memory, k, temperature,
+                                                               torch.Generator().manual_seed(5), return_proposal=True)
+        logits = model.code_logits(memory, codes).reshape(3 * k, 8, -1)           # (N, L, V), teacher-forced
+    generator = torch.Generator().manual_seed(5)
+    flat = codes.reshape(3 * k, 8)
+    codes_of_coordinates = torch.arange(16)
+    for position in range(8):
+        uniform = torch.rand(3 * k, sum(levels), generator=generator).clamp(1e-20, 1 - 1e-7)
+        expected, stride, column = torch.zeros(3 * k, dtype=torch.long), 1, 0
+        for level in levels:
+            # Coordinate d's log-softmax: the code's log q marginalised is not needed, since q is a product: take
+            # the codes whose other coordinates are 0 and renormalise over this coordinate's values.
+            part = logits[:, position, codes_of_coordinates[:level] * stride].log_softmax(-1)
+            noise = -torch.log(-torch.log(uniform[:, column:column + level]))
+            expected += (part / temperature + noise).argmax(-1) * stride
+            stride, column = stride * level, column + level
+        assert torch.equal(flat[:, position], expected)
+    chosen = flat[..., None]
+    torch.testing.assert_close(log_q.reshape(-1), torch.log_softmax(logits, -1).gather(-1, chosen)[..., 0].sum(-1),
+                               atol=1e-4, rtol=1e-4)
+    tempered = torch.log_softmax(logits / temperature, -1).gather(-1, chosen)[..., 0].sum(-1)
+    torch.testing.assert_close(log_proposal.reshape(-1), tempered, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- save / load
 def test_save_and_load_reproduce_outputs_exactly(tmp_path):
     model = make_model("tiny")

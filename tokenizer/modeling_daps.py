@@ -368,6 +368,9 @@ class DapsCodeTransformer(nn.Module):
             self.levels = list(config.fsq_levels)
             head_size = sum(self.levels)
         self.head = nn.Linear(config.hidden_size, head_size)
+        if self.factorized:
+            # Code c has coordinates (c // basis_d) % levels_d, the first coordinate varying fastest (mixed radix).
+            self.bases = [math.prod(self.levels[:d]) for d in range(len(self.levels))]
         self.bos_token_id = config.codebook_size
         self.pixel_paths, self.codebook_size = config.pixel_paths, config.codebook_size
         self.aligned_grid = None
@@ -379,18 +382,31 @@ class DapsCodeTransformer(nn.Module):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last hidden states (..., d) → head outputs (..., head_size); for the factorized head, the normalised
         log-probabilities of all V codes (..., V): the sum of each coordinate's log-softmax."""
-        output = self.head(self.norm(hidden))
         if not self.factorized:
-            return output
-        parts = [torch.log_softmax(part, dim=-1) for part in output.float().split(self.levels, dim=-1)]
-        # Code c has coordinates (c // basis_d) % levels_d, the first coordinate varying fastest (mixed radix). An outer
-        # sum from the last coordinate inwards lays the V sums out in code order with broadcast adds only. Gathering
-        # (..., V, D) columns and summing gives the same values but made the mnist DAPS step 1.18× slower
-        # (benchmarks/code_head_cost.py; benchmarks/RESULTS.md, "Twenty-fourth session").
+            return self.head(self.norm(hidden))
+        parts = self.coordinate_log_probs(hidden)
+        # An outer sum of the coordinates' log-softmaxes from the last coordinate inwards lays the V sums out in code
+        # order (`bases`) with broadcast adds only. Gathering (..., V, D) columns and summing gives the same values
+        # but made the mnist DAPS step 1.18× slower (benchmarks/code_head_cost.py; benchmarks/RESULTS.md,
+        # "Twenty-fourth session"). Sampling and an update's log q need only the coordinates (`_sample_from_memory`).
         log_probs = parts[-1]
         for part in reversed(parts[:-1]):
             log_probs = (log_probs[..., :, None] + part[..., None, :]).flatten(-2)
         return log_probs
+
+    def coordinate_log_probs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Factorized head only: last hidden states (..., d) → each lattice coordinate's log-softmax, a list of
+        (..., levels_d) fp32 tensors. log q of code c is the sum over d of entry (c // bases[d]) % levels[d] of the
+        d-th tensor (before any pixel-path logits are added)."""
+        output = self.head(self.norm(hidden)).float()
+        return [torch.log_softmax(part, dim=-1) for part in output.split(self.levels, dim=-1)]
+
+    def codes_from_coordinates(self, coordinates: list[torch.Tensor]) -> torch.Tensor:
+        """Lattice coordinates, a list of same-shape integer tensors (one per coordinate) → code ids, that shape."""
+        codes = coordinates[0]
+        for coordinate, basis in zip(coordinates[1:], self.bases[1:]):
+            codes = codes + coordinate * basis
+        return codes
 
     def memory_keys_values(self, memory: torch.Tensor) -> DapsCodeMemory:
         """Patch features (B, P, d) → what every code step reads (`DapsCodeMemory`), computed once per image."""
@@ -404,8 +420,13 @@ class DapsCodeTransformer(nn.Module):
         return DapsCodeMemory([layer.cross_attention.memory_keys_values(memory) for layer in self.layers], aligned,
                               pixel_logits)
 
-    def teacher_forced(self, codes: torch.Tensor, memory_kv) -> torch.Tensor:
-        """codes (N, L) with N = B·K, sample-major within each image → head outputs (N, L, head_size)."""
+    def coordinates_of(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Factorized head: code ids (any shape) → their lattice coordinates, one tensor of that shape per coordinate."""
+        return [torch.div(codes, basis, rounding_mode="floor") % level for basis, level in zip(self.bases, self.levels)]
+
+    def teacher_forced(self, codes: torch.Tensor, memory_kv, coordinates: bool = False):
+        """codes (N, L) with N = B·K, sample-major within each image → head outputs (N, L, head_size); with
+        `coordinates` (factorized head, no pixel paths), `coordinate_log_probs`, (N, L, levels_d) each, instead."""
         bos = torch.full_like(codes[:, :1], self.bos_token_id)
         hidden = self.token_embedding(torch.cat([bos, codes[:, :-1]], dim=1)) + self.positions
         aligned = memory_kv.aligned_for(codes.shape[0])
@@ -413,16 +434,21 @@ class DapsCodeTransformer(nn.Module):
             hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=True)
+        if coordinates:
+            return self.coordinate_log_probs(hidden)
         return self.project(hidden) + memory_kv.pixel_logits_for(codes.shape[0])
 
-    def parallel(self, batch_size: int, memory_kv) -> torch.Tensor:
-        """Parallel encoder: head outputs of every position, (B, L, head_size)."""
+    def parallel(self, batch_size: int, memory_kv, coordinates: bool = False):
+        """Parallel encoder: head outputs of every position, (B, L, head_size); with `coordinates` (factorized head,
+        no pixel paths), `coordinate_log_probs` of every position instead."""
         hidden = (self.queries + self.positions).expand(batch_size, -1, -1)
         aligned = memory_kv.aligned_for(batch_size)
         if aligned is not None:
             hidden = hidden + aligned
         for layer, layer_kv in zip(self.layers, memory_kv):
             hidden = layer(hidden, layer_kv, causal=False)
+        if coordinates:
+            return self.coordinate_log_probs(hidden)
         return self.project(hidden) + memory_kv.pixel_logits_for(batch_size)
 
     def new_cache(self, num_sequences: int, reference: torch.Tensor) -> list[DapsLayerCache]:
@@ -436,14 +462,17 @@ class DapsCodeTransformer(nn.Module):
             for _ in self.layers
         ]
 
-    def step(self, previous_codes: torch.Tensor, position: int, memory_kv, cache) -> torch.Tensor:
-        """One cached autoregressive step: previous codes (N,) (or BOS) → logits of position `position`, (N, V)."""
+    def step(self, previous_codes: torch.Tensor, position: int, memory_kv, cache, coordinates: bool = False):
+        """One cached autoregressive step: previous codes (N,) (or BOS) → logits of position `position`, (N, V); with
+        `coordinates` (factorized head, no pixel paths), its `coordinate_log_probs`, (N, levels_d) each, instead."""
         hidden = self.token_embedding(previous_codes)[:, None] + self.positions[position]
         aligned = memory_kv.aligned_for(previous_codes.shape[0], position)
         if aligned is not None:
             hidden = hidden + aligned
         for layer, layer_kv, layer_cache in zip(self.layers, memory_kv, cache):
             hidden = layer(hidden, layer_kv, causal=True, cache=layer_cache, position=position)
+        if coordinates:
+            return [part[:, 0] for part in self.coordinate_log_probs(hidden)]
         return (self.project(hidden) + memory_kv.pixel_logits_for(previous_codes.shape[0], position))[:, 0]
 
 
@@ -764,6 +793,20 @@ class DapsModel(DapsPreTrainedModel):
         if self.config.quantizer != "categorical":
             zeros = torch.zeros(codes.shape[:2], device=codes.device)
             return (zeros, None) if return_log_probs else zeros
+        transformer = self.code_transformer
+        if transformer.factorized and not self.config.pixel_paths and not return_log_probs:
+            # The factorized head's log q is a sum of each coordinate's log-softmax at the code's coordinate: the V
+            # log-probabilities of every position are not needed.
+            b, k, length = codes.shape
+            memory_kv = transformer.memory_keys_values(memory)
+            if transformer.autoregressive:
+                parts = [part.view(b, k, length, -1) for part in
+                         transformer.teacher_forced(codes.reshape(b * k, length), memory_kv, coordinates=True)]
+            else:
+                parts = [part[:, None].expand(b, k, length, -1)
+                         for part in transformer.parallel(b, memory_kv, coordinates=True)]
+            return sum(part.gather(-1, coordinate[..., None]).squeeze(-1)
+                       for part, coordinate in zip(parts, transformer.coordinates_of(codes))).sum(-1)
         log_probs = torch.log_softmax(self.code_logits(memory, codes), dim=-1)
         log_q = log_probs.gather(-1, codes[..., None]).squeeze(-1).sum(-1)
         return (log_q, log_probs) if return_log_probs else log_q
@@ -816,7 +859,36 @@ class DapsModel(DapsPreTrainedModel):
             return torch.logaddexp(tempered + math.log1p(-exploration),
                                    torch.full_like(tempered, math.log(exploration / logits.shape[-1])))
 
+        def choose_coordinates(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # parts: each lattice coordinate's log-softmax, (..., levels_d) fp32. q is a product over coordinates, and
+            # so is q_τ (its logits are a sum over them): drawing each coordinate on its own by Gumbel-max samples the
+            # code from q_τ exactly, with Σ levels_d noise values instead of V, and the argmax of each coordinate is
+            # the greedy code. → codes (...), their log q and log q_τ.
+            if greedy:
+                chosen = [part.argmax(-1) for part in parts]
+            else:
+                noise = torch.rand((*parts[0].shape[:-1], sum(part.shape[-1] for part in parts)), generator=generator,
+                                   device=parts[0].device, dtype=torch.float32)
+                noise.clamp_(min=1e-20, max=1 - 1e-7).log_().neg_().log_()
+                chosen = [((part if temperature == 1.0 else part / temperature) - part_noise).argmax(-1)
+                          for part, part_noise in zip(parts, noise.split([part.shape[-1] for part in parts], dim=-1))]
+            log_q = sum(part.gather(-1, c[..., None]).squeeze(-1) for part, c in zip(parts, chosen))
+            log_q_tempered = log_q if temperature == 1.0 else sum(
+                torch.log_softmax(part / temperature, dim=-1).gather(-1, c[..., None]).squeeze(-1)
+                for part, c in zip(parts, chosen))
+            return self.code_transformer.codes_from_coordinates(chosen), log_q, log_q_tempered
+
         memory_kv = self.code_transformer.memory_keys_values(memory)
+        # The factorized head without pixel paths (whose logits do not factorise) and without exploration (a mixture
+        # with the uniform does not either) draws per coordinate; the codes have the same distribution either way.
+        by_coordinates = (self.code_transformer.factorized and memory_kv.pixel_logits is None and exploration == 0.0)
+        if not self.code_transformer.autoregressive and by_coordinates:
+            parts = self.code_transformer.parallel(b, memory_kv, coordinates=True)               # (B, L, levels_d)
+            codes, log_q, log_q_tempered = choose_coordinates(
+                [part[:, None].expand(b, k, -1, -1) for part in parts])
+            if return_proposal:
+                return codes, log_q.sum(-1), log_q_tempered.sum(-1)
+            return codes, log_q.sum(-1)
         if not self.code_transformer.autoregressive:
             logits = _at_least_float32(self.code_transformer.parallel(b, memory_kv))  # (B, L, V)
             log_probs = torch.log_softmax(logits, dim=-1)
@@ -834,13 +906,19 @@ class DapsModel(DapsPreTrainedModel):
         log_proposal = torch.zeros_like(log_prob)
         previous = torch.full((b * k,), self.config.bos_token_id, dtype=torch.long, device=memory.device)
         for position in range(length):
-            logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
-            previous = choose(logits)
+            if by_coordinates:
+                parts = self.code_transformer.step(previous, position, memory_kv, cache, coordinates=True)
+                previous, token_log_prob, token_log_proposal = choose_coordinates(parts)
+            else:
+                logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
+                previous = choose(logits)
+                token_log_prob = torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
+                token_log_proposal = (token_log_prob if proposal_is_q or not return_proposal
+                                      else proposal_log_prob(logits, previous))
             codes[:, position] = previous
-            token_log_prob = torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
             log_prob += token_log_prob
             if return_proposal:
-                log_proposal += token_log_prob if proposal_is_q else proposal_log_prob(logits, previous)
+                log_proposal += token_log_proposal
         if return_proposal:
             return codes.view(b, k, length), log_prob.view(b, k), log_proposal.view(b, k)
         return codes.view(b, k, length), log_prob.view(b, k)

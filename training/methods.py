@@ -356,7 +356,7 @@ class DapsMethod(nn.Module):
             encoder_loss, log_probs, extra = self._token_encoder_loss(memory, codes, token_rewards, beta)
             usage_weights = weights
         else:
-            log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
+            log_q, log_probs = self._update_log_q(memory, kept_codes)
             encoder_loss = objective.encoder_loss(log_q.float(), kept_weights)          # log q (B, M), with gradient
             usage_weights = kept_weights
         kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
@@ -368,6 +368,14 @@ class DapsMethod(nn.Module):
             self._replay = (pixel_values, targets, kept_codes, kept_weights.detach())
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,
                                 kept_weight=kept_mass.mean().detach(), **extra)
+
+    def _update_log_q(self, memory: torch.Tensor, codes: torch.Tensor):
+        """log q of the codes an update fits (B, M), with gradient, and every token's log q(· | z_<t, x)
+        (B, M, L, V) where the usage term reads them (else None: the factorized head then sums coordinate
+        log-probabilities only, without forming the V of every position)."""
+        if self._usage_now > 0:
+            return self.model._log_prob_from_memory(memory, codes, return_log_probs=True)
+        return self.model._log_prob_from_memory(memory, codes), None
 
     @property
     def replay_ready(self) -> bool:
@@ -384,7 +392,7 @@ class DapsMethod(nn.Module):
         pixel_values, targets, kept_codes, kept_weights = self._replay
         model = self.model
         memory = model.encode_patches(pixel_values)
-        log_q, log_probs = model._log_prob_from_memory(memory, kept_codes, return_log_probs=True)
+        log_q, log_probs = self._update_log_q(memory, kept_codes)
         encoder_loss = objective.encoder_loss(log_q.float(), kept_weights)
         if self._usage_now > 0:
             encoder_loss, _ = self._add_usage_term(encoder_loss, log_probs, kept_weights)
@@ -561,8 +569,7 @@ class DapsMethod(nn.Module):
                 codes = torch.cat([codes, greedy], dim=1)
                 if offset is not None:
                     offset = torch.cat([offset, offset.new_zeros(offset.shape[0], 1)], dim=1)
-        log_prob, log_probs = model._log_prob_from_memory(memory, codes, return_log_probs=True)
-        log_probs = log_probs if self._usage_now > 0 else None
+        log_prob, log_probs = self._update_log_q(memory, codes)
         reward, reconstruction = model._reconstruction_log_likelihood(targets, codes)
         output = DapsModelOutput(codes=codes, log_prob=log_prob, reconstruction_log_likelihood=reward,
                                  reconstruction=reconstruction)
