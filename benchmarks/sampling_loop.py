@@ -17,8 +17,15 @@ outputs are bitwise identical to the revision's in fp32 (tested), and the script
 Per-round ratios (revision / this tree) are paired, so machine noise hits both arms alike; the table gives their
 medians.
 
+The revision's teacher-forced log q (`DapsModel._log_prob_from_memory`) is swapped in with its loop. Against 8a2beda
+(`--against 8a2beda --preset mnist`), what changed is the factorized code head's draw (the mnist preset's): each
+lattice coordinate is drawn on its own from its log-softmax (Σ levels = 16 noise values per token instead of V = 256,
+no V-wide outer sum, log-softmax or gather), the same distribution of codes; and an update's log q sums the
+coordinates' log-probabilities at the code instead of forming all V of every position.
+
     python benchmarks/sampling_loop.py                      # cifar, ~3 min on one core
     python benchmarks/sampling_loop.py --rounds 7 --output benchmarks/results/sampling-loop-amx.md
+    python benchmarks/sampling_loop.py --against 8a2beda --preset mnist --batch-size 128 --dtypes fp32
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import tokenizer.modeling_daps as modeling  # noqa: E402
 from speed import TrainingStep, autocast_context, command_line, cpu_model, interleaved_medians, make_images  # noqa: E402
 
 FAST_ATTEND, FAST_SAMPLE = modeling.attend, modeling.DapsModel._sample_from_memory
+FAST_LOG_PROB = modeling.DapsModel._log_prob_from_memory
 
 
 def load_revision(revision: str):
@@ -61,16 +69,19 @@ def load_revision(revision: str):
 
 
 def revision_arm(function, old):
-    """Run `function` with the revision's sampling loop and attention (its `attend` has no `cached`)."""
+    """Run `function` with the revision's sampling loop, teacher-forced log q and attention (the revision's `attend`
+    may lack `cached`)."""
     def old_attend(query, keys, values, causal=False, cached=False):
         return old.attend(query, keys, values, causal)
 
     def run():
         modeling.attend, modeling.DapsModel._sample_from_memory = old_attend, old.DapsModel._sample_from_memory
+        modeling.DapsModel._log_prob_from_memory = old.DapsModel._log_prob_from_memory
         try:
             return function()
         finally:
             modeling.attend, modeling.DapsModel._sample_from_memory = FAST_ATTEND, FAST_SAMPLE
+            modeling.DapsModel._log_prob_from_memory = FAST_LOG_PROB
     return run
 
 
@@ -82,6 +93,8 @@ def main() -> None:
     parser.add_argument("--encode-batch-size", type=int, default=256, help="greedy encoding batch")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=600, help="stop adding rounds after this (at least 3)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="precisions to time (default both)")
     parser.add_argument("--output", default=None, help="also write the table here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -110,12 +123,12 @@ def main() -> None:
     def train(dtype):
         return lambda: step.run(images, dtype)
 
-    tasks = {f"K = 6 sampling loop, batch {args.batch_size}, {d}": loop(d) for d in ("fp32", "bf16")}
-    tasks |= {f"greedy encode, batch {args.encode_batch_size}, {d}": greedy(d) for d in ("fp32", "bf16")}
-    tasks |= {f"training step (DAPS K = 6 keeping 2), {d}": train(d) for d in ("bf16", "fp32")}
+    tasks = {f"K = 6 sampling loop, batch {args.batch_size}, {d}": loop(d) for d in args.dtypes}
+    tasks |= {f"greedy encode, batch {args.encode_batch_size}, {d}": greedy(d) for d in args.dtypes}
+    tasks |= {f"training step (DAPS K = 6 keeping 2), {d}": train(d) for d in args.dtypes}
 
     same_codes = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in args.dtypes:
         fast, plain = greedy(dtype)(), revision_arm(greedy(dtype), old)()
         same_codes[dtype] = (fast == plain).float().mean().item()
 
