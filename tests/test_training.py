@@ -487,6 +487,46 @@ def test_kept_samples_step_is_the_weighted_ml_loss_on_the_heaviest_samples(tmp_p
     assert model.code_transformer.head.weight.grad is not None and model.code_embedding.weight.grad is not None
 
 
+def test_decoder_greedy_weight_gives_that_share_of_the_decoder_loss_to_the_greedy_code(tmp_path):
+    from training import objective
+    from training.methods import DapsMethod
+
+    torch.manual_seed(0)
+    config, _ = build_config(tiny_args(tmp_path), image_size=8, num_channels=1)
+    model = DapsModel(config)
+    images = load_image_splits("digits").validation[:7]
+
+    def step(alpha):
+        method = DapsMethod(model, 6, objective.make_eta_control("bisection", rho=0.33, num_samples=6),
+                            lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
+                            decoder_greedy_weight=alpha)
+        method.generator = torch.Generator().manual_seed(3)
+        return method(images, images, progress=0.0)
+
+    plain, mixed = step(0.0), step(0.25)
+    assert mixed["eta"] == pytest.approx(plain["eta"]) and mixed["ess"] == pytest.approx(plain["ess"])
+    greedy = model.encode(images).codes[:, None]                                          # (B, 1, L)
+    greedy_loss = -model.reconstruction_log_likelihood(images, greedy).mean()
+    encoder_loss = plain["loss"] - plain["decoder_loss"]
+    torch.testing.assert_close(mixed["decoder_loss"], 0.75 * plain["decoder_loss"] + 0.25 * greedy_loss.detach(),
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mixed["loss"], encoder_loss + 0.75 * plain["decoder_loss"] + 0.25 * greedy_loss,
+                               rtol=1e-5, atol=1e-4)
+    control = objective.make_eta_control("bisection", rho=0.33, num_samples=6)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="decoder_greedy_weight"):
+            DapsMethod(model, 6, control, lambda progress: 0.5, decoder_weighting="posterior", update_samples=2,
+                       decoder_greedy_weight=bad)
+    for options in ({}, {"update_samples": 2, "sample_reuse": 2}):
+        with pytest.raises(ValueError, match="decoder_greedy_weight"):
+            DapsMethod(model, 6, control, lambda progress: 0.5, decoder_weighting="posterior",
+                       decoder_greedy_weight=0.5, **options)
+    with pytest.raises(ValueError, match="--decoder_greedy_weight"):
+        resolve_defaults(TrainArguments(method="fsq", decoder_greedy_weight=0.5))
+    metrics = train(tiny_args(tmp_path, max_steps=3, update_samples=2, decoder_greedy_weight=0.5))
+    assert metrics["steps"] == 3 and metrics["skipped_updates"] == 0
+
+
 def test_sample_reuse_repeats_the_update_on_the_last_steps_kept_samples(tmp_path):
     from training import objective
     from training.methods import DapsMethod

@@ -130,6 +130,11 @@ class TrainArguments:
                               "same images' M kept codes and weights (log q and rewards recomputed), so the K-sample "
                               "draw and its no-grad decode are paid once per R updates. Needs "
                               "--gradient_accumulation_steps 1."})
+    decoder_greedy_weight: float = field(default=0.0, metadata={"help": "DAPS with --update_samples M < K: α, the "
+                                       "share of the decoder's loss taken by the encoder's greedy code (the code "
+                                       "evaluation and `encode` use) of each training image; the rest is the kept "
+                                       "samples' weighted loss. The decoder polish's fit, spread over training. Costs "
+                                       "a greedy draw and one more decode with gradient per image."})
     usage_weight: float | None = field(default=None, metadata={"help": "DAPS: λ of the usage term added to the "
                                        "encoder loss, λ·L·(log V − I(token; image)), or λ·L·(log V − H(q̄)) without "
                                        "--usage_mutual_information (q̄: the batch's average code distribution). "

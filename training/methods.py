@@ -134,6 +134,10 @@ class DapsMethod(nn.Module):
             refines the k-means image instead of learning a free vector per code.
         local_kl: with proposal "local", ε of the trust region, in nats per credited token: η is solved so that the
             mean KL(q* ‖ q) over the credited positions' options is ε.
+        sample_reuse: R ≥ 1 optimiser updates per draw of samples (see `_replay_step`; needs M < K).
+        decoder_greedy_weight: α ∈ [0, 1], with M < K: the decoder's loss becomes (1 − α)·(the kept samples'
+            weighted loss) + α·(−log p(x | greedy code)), the greedy code drawn without gradient and decoded in the
+            same batch as the kept ones. The encoder's loss and the weights are unchanged. 0: the paper's decoder.
     """
 
     def __init__(self, model, num_samples: int, eta_control, beta_schedule, gather=None,
@@ -143,7 +147,8 @@ class DapsMethod(nn.Module):
                  usage_weight_end: float | None = None, warm_start_steps: int = 0, kmeans_init: bool = False,
                  kmeans_temperature: float = 1.0, proposal: str = "sampled", local_candidates: int = 3,
                  local_colours: int = 3, local_kl: float = 1.0, fixed_code_blocks: bool = False,
-                 usage_margin: float = 0.0, proposal_temperature: float = 1.0, sample_reuse: int = 1):
+                 usage_margin: float = 0.0, proposal_temperature: float = 1.0, sample_reuse: int = 1,
+                 decoder_greedy_weight: float = 0.0):
         super().__init__()
         if isinstance(proposal_temperature, bool) or not isinstance(proposal_temperature, (int, float)) \
                 or not (math.isfinite(proposal_temperature) and proposal_temperature > 0):
@@ -223,6 +228,15 @@ class DapsMethod(nn.Module):
             raise ValueError("sample_reuse > 1 repeats the update on a step's kept samples: it needs update_samples "
                              "< num_samples, credit 'sequence' and proposal 'sampled'.")
         self.sample_reuse = sample_reuse
+        if isinstance(decoder_greedy_weight, bool) or not isinstance(decoder_greedy_weight, (int, float)) \
+                or not 0.0 <= decoder_greedy_weight <= 1.0:
+            raise ValueError(f"decoder_greedy_weight must be a number in [0, 1], got {decoder_greedy_weight!r}.")
+        if decoder_greedy_weight > 0 and (self.update_samples is None or credit == "token" or proposal != "sampled"
+                                          or sample_reuse > 1):
+            raise ValueError("decoder_greedy_weight > 0 adds the greedy code to the kept-samples step's decoder loss: "
+                             "it needs update_samples < num_samples, credit 'sequence', proposal 'sampled' and "
+                             "sample_reuse 1.")
+        self.decoder_greedy_weight = float(decoder_greedy_weight)
         self._replay = None   # sample_reuse > 1: the last step's (pixel values, targets, kept codes, kept weights)
         self.usage_weight = float(usage_weight)
         self.usage_weight_end = self.usage_weight if usage_weight_end is None else float(usage_weight_end)
@@ -359,11 +373,20 @@ class DapsMethod(nn.Module):
             log_q, log_probs = self._update_log_q(memory, kept_codes)
             encoder_loss = objective.encoder_loss(log_q.float(), kept_weights)          # log q (B, M), with gradient
             usage_weights = kept_weights
-        kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)      # (B, M), with gradient
+        alpha = self.decoder_greedy_weight
+        if alpha > 0:
+            # The greedy code (B, 1, L) is decoded with the kept ones, one batched decode with gradient.
+            greedy = model._sample_from_memory(memory.detach(), None, 1.0, None)[0]
+            decoded, _ = model._reconstruction_log_likelihood(targets, torch.cat([kept_codes, greedy], dim=1))
+            kept_rewards, greedy_rewards = decoded.float().split([m, 1], dim=1)          # (B, M), (B, 1)
+        else:
+            kept_rewards, _ = model._reconstruction_log_likelihood(targets, kept_codes)  # (B, M), with gradient
         if self._usage_now > 0:
             encoder_loss, usage = self._add_usage_term(encoder_loss, log_probs, usage_weights)
             extra.update(usage)
         decoder_loss = -(kept_weights * kept_rewards.float()).sum(-1).mean()
+        if alpha > 0:
+            decoder_loss = (1.0 - alpha) * decoder_loss - alpha * greedy_rewards.mean()
         if self.sample_reuse > 1:
             self._replay = (pixel_values, targets, kept_codes, kept_weights.detach())
         return self._statistics(encoder_loss, decoder_loss, weights, eta, beta, sampled_log_q, codes,

@@ -253,6 +253,8 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         if args.gradient_accumulation_steps != 1:
             raise ValueError("--sample_reuse > 1 needs --gradient_accumulation_steps 1 (it repeats one update on the "
                              "batch's kept samples).")
+    if args.decoder_greedy_weight != 0 and args.method not in ("daps", "daps-na"):
+        raise ValueError(f"--decoder_greedy_weight is a DAPS option; --method {args.method} decodes one code per image.")
     if isinstance(args.polish_max_steps, bool) or not isinstance(args.polish_max_steps, int) \
             or args.polish_max_steps < 0:
         raise ValueError(f"--polish_max_steps must be a non-negative integer (0: no cap), got "
@@ -330,7 +332,7 @@ def build_method(args: TrainArguments, model: DapsModel, gather):
                           kmeans_temperature=args.kmeans_temperature, proposal=args.proposal,
                           local_candidates=args.local_candidates, local_colours=args.local_colours,
                           local_kl=args.local_kl, fixed_code_blocks=args.fixed_code_blocks,
-                          sample_reuse=args.sample_reuse)
+                          sample_reuse=args.sample_reuse, decoder_greedy_weight=args.decoder_greedy_weight)
     if args.method == "vq":
         return VqMethod(model, commitment=args.vq_commitment, restart_dead_codes=args.vq_restart_dead_codes)
     if args.method == "fsq":
