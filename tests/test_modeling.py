@@ -302,34 +302,19 @@ def test_factorized_sampling_is_gumbel_max_per_coordinate(temperature):
     the generator, each coordinate the argmax of its log-softmax / τ − log(−log u) over its own columns, the code
     Σ_d coordinate_d · Π_{e<d} levels_e; log q and the proposal's log-probability (q at τ) summed over tokens."""
     levels = [4, 2, 2]
-    torch.manual_seed(0)
-    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=8, code_head="factorized", fsq_levels=levels)).eval()
-    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
-    k = 4
-    with torch.no_grad():
-        memory = model.encode_patches(x)
-        codes, log_q, log_proposal = model._sample_from_memory(memory, k, temperature,
-                                                               torch.Generator().manual_seed(5), return_proposal=True)
-        logits = model.code_logits(memory, codes).reshape(3 * k, 8, -1)           # (N, L, V), teacher-forced
+    flat, logits = check_cached_draw(temperature, code_head="factorized", fsq_levels=levels)
     generator = torch.Generator().manual_seed(5)
-    flat = codes.reshape(3 * k, 8)
-    codes_of_coordinates = torch.arange(16)
     for position in range(8):
-        uniform = torch.rand(3 * k, sum(levels), generator=generator).clamp(1e-20, 1 - 1e-7)
-        expected, stride, column = torch.zeros(3 * k, dtype=torch.long), 1, 0
+        uniform = torch.rand(flat.shape[0], sum(levels), generator=generator).clamp(1e-20, 1 - 1e-7)
+        expected, stride, column = torch.zeros(flat.shape[0], dtype=torch.long), 1, 0
         for level in levels:
-            # Coordinate d's log-softmax: the code's log q marginalised is not needed, since q is a product: take
-            # the codes whose other coordinates are 0 and renormalise over this coordinate's values.
-            part = logits[:, position, codes_of_coordinates[:level] * stride].log_softmax(-1)
+            # Coordinate d's log-softmax: q is a product over coordinates, so the log q of the codes whose other
+            # coordinates are 0, renormalised over this coordinate's values.
+            part = logits[:, position, torch.arange(level) * stride].log_softmax(-1)
             noise = -torch.log(-torch.log(uniform[:, column:column + level]))
             expected += (part / temperature + noise).argmax(-1) * stride
             stride, column = stride * level, column + level
         assert torch.equal(flat[:, position], expected)
-    chosen = flat[..., None]
-    torch.testing.assert_close(log_q.reshape(-1), torch.log_softmax(logits, -1).gather(-1, chosen)[..., 0].sum(-1),
-                               atol=1e-4, rtol=1e-4)
-    tempered = torch.log_softmax(logits / temperature, -1).gather(-1, chosen)[..., 0].sum(-1)
-    torch.testing.assert_close(log_proposal.reshape(-1), tempered, atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- save / load
@@ -660,26 +645,33 @@ def test_sampling_is_gumbel_max_on_the_teacher_forced_logits(temperature):
     z_t = argmax(logits_t / τ − log(−log u)), with logits_t teacher-forced on the sampled prefix; log q and the
     proposal's log-probability (q at temperature τ) summed over tokens. Pins the in-place noise and the τ = 1
     shortcut (proposal = q) of the fast loop."""
-    torch.manual_seed(0)
-    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=8)).eval()
-    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
-    k = 4
-    with torch.no_grad():
-        memory = model.encode_patches(x)
-        codes, log_q, log_proposal = model._sample_from_memory(memory, k, temperature,
-                                                               torch.Generator().manual_seed(5), return_proposal=True)
-        logits = model.code_logits(memory, codes).reshape(3 * k, 8, -1)           # (N, L, V), teacher-forced
+    flat, logits = check_cached_draw(temperature)
     generator = torch.Generator().manual_seed(5)
-    flat = codes.reshape(3 * k, 8)
     for position in range(8):
         uniform = torch.rand(logits[:, position].shape, generator=generator).clamp(1e-20, 1 - 1e-7)
         expected = (logits[:, position] / temperature - torch.log(-torch.log(uniform))).argmax(-1)
         assert torch.equal(flat[:, position], expected)
+
+
+def check_cached_draw(temperature: float, **overrides):
+    """Draws K = 4 codes for 3 images from a tiny 8-token model (generator seed 5) with the cached loop, checks that
+    the returned log q and proposal log-probability (q at τ) are the teacher-forced ones summed over tokens, and
+    returns the codes (N, L) and their teacher-forced logits (N, L, V), N = 3·4, for a test to rebuild the draw."""
+    torch.manual_seed(0)
+    model = DapsModel(DapsConfig.from_preset("tiny", num_tokens=8, **overrides)).eval()
+    x = torch.rand(3, model.config.num_channels, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        memory = model.encode_patches(x)
+        codes, log_q, log_proposal = model._sample_from_memory(memory, 4, temperature,
+                                                               torch.Generator().manual_seed(5), return_proposal=True)
+        logits = model.code_logits(memory, codes).reshape(12, 8, -1)
+    flat = codes.reshape(12, 8)
     chosen = flat[..., None]
     torch.testing.assert_close(log_q.reshape(-1), torch.log_softmax(logits, -1).gather(-1, chosen)[..., 0].sum(-1),
                                atol=1e-4, rtol=1e-4)
     tempered = torch.log_softmax(logits / temperature, -1).gather(-1, chosen)[..., 0].sum(-1)
     torch.testing.assert_close(log_proposal.reshape(-1), tempered, atol=1e-4, rtol=1e-4)
+    return flat, logits
 
 
 def test_exploration_reaches_codes_the_encoder_would_not_sample():
