@@ -296,6 +296,29 @@ def test_factorized_head_samples_each_coordinate_and_follows_q(encoder, levels):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
+def test_factorized_log_q_from_coordinates_has_the_full_heads_value_and_gradient(encoder):
+    """An update's log q on the factorized head sums coordinate log-probabilities; it must equal the V-wide path's
+    (return_log_probs=True) in value and in every parameter's gradient."""
+    model = make_model("tiny", encoder_type=encoder, code_head="factorized", fsq_levels=[4, 2, 2],
+                       head_initializer_range=0.5).train()
+    x = random_images(model.config, 5)
+    codes = model.encode(x, num_samples=3, generator=torch.Generator().manual_seed(1)).codes
+    weights = torch.rand(5, 3, generator=torch.Generator().manual_seed(2))
+    results = []
+    for full in (True, False):
+        model.zero_grad()
+        log_q = model._log_prob_from_memory(model.encode_patches(x), codes, return_log_probs=full)
+        log_q = log_q[0] if full else log_q
+        (weights * log_q).sum().backward()
+        results.append((log_q.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full_value, full_grads), (value, grads) = results
+    torch.testing.assert_close(value, full_value, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(full_grads) > 0
+    for grad, full_grad in zip(grads, full_grads):
+        torch.testing.assert_close(grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_factorized_sampling_is_gumbel_max_per_coordinate(temperature):
     """The factorized head's cached loop, written out plainly: at each position one uniform draw (N, Σ levels) from
