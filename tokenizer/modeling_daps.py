@@ -778,15 +778,24 @@ class DapsModel(DapsPreTrainedModel):
         """pixels (B, C, H, W) → patch features (B, P, d), the memory every code token attends to."""
         return self.patch_encoder(pixel_values)
 
-    def code_logits(self, memory: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits for a categorical encoder: memory (B, P, d), codes (B, K, L) → (B, K, L, V) fp32."""
+    def code_logits(self, memory: torch.Tensor, codes: torch.Tensor, coordinates: bool = False):
+        """Teacher-forced logits for a categorical encoder: memory (B, P, d), codes (B, K, L) → (B, K, L, V) fp32;
+        with `coordinates` (factorized head, no pixel paths), each lattice coordinate's log-softmax instead, a list of
+        (B, K, L, levels_d) fp32 tensors."""
         b, k, length = codes.shape
         memory_kv = self.code_transformer.memory_keys_values(memory)
-        if self.code_transformer.autoregressive:
-            logits = self.code_transformer.teacher_forced(codes.reshape(b * k, length), memory_kv)
-            return _at_least_float32(logits).view(b, k, length, -1)
-        # Parallel: the logits do not depend on the codes, so they are computed once per image.
-        return _at_least_float32(self.code_transformer.parallel(b, memory_kv))[:, None].expand(b, k, length, -1)
+        autoregressive = self.code_transformer.autoregressive
+        if autoregressive:
+            outputs = self.code_transformer.teacher_forced(codes.reshape(b * k, length), memory_kv, coordinates)
+        else:
+            # Parallel: the logits do not depend on the codes, so they are computed once per image.
+            outputs = self.code_transformer.parallel(b, memory_kv, coordinates)
+
+        def per_sample(output: torch.Tensor) -> torch.Tensor:
+            output = _at_least_float32(output)
+            return output.view(b, k, length, -1) if autoregressive else output[:, None].expand(b, k, length, -1)
+
+        return [per_sample(output) for output in outputs] if coordinates else per_sample(outputs)
 
     def _log_prob_from_memory(self, memory: torch.Tensor, codes: torch.Tensor, return_log_probs: bool = False):
         """log q(codes | x), (B, K); with `return_log_probs`, also every token's log q(· | z_<t, x), (B, K, L, V)."""
@@ -797,14 +806,7 @@ class DapsModel(DapsPreTrainedModel):
         if transformer.factorized and not self.config.pixel_paths and not return_log_probs:
             # The factorized head's log q is a sum of each coordinate's log-softmax at the code's coordinate: the V
             # log-probabilities of every position are not needed.
-            b, k, length = codes.shape
-            memory_kv = transformer.memory_keys_values(memory)
-            if transformer.autoregressive:
-                parts = [part.view(b, k, length, -1) for part in
-                         transformer.teacher_forced(codes.reshape(b * k, length), memory_kv, coordinates=True)]
-            else:
-                parts = [part[:, None].expand(b, k, length, -1)
-                         for part in transformer.parallel(b, memory_kv, coordinates=True)]
+            parts = self.code_logits(memory, codes, coordinates=True)
             return sum(part.gather(-1, coordinate[..., None]).squeeze(-1)
                        for part, coordinate in zip(parts, transformer.coordinates_of(codes))).sum(-1)
         log_probs = torch.log_softmax(self.code_logits(memory, codes), dim=-1)
@@ -873,7 +875,7 @@ class DapsModel(DapsPreTrainedModel):
                 chosen = [((part if temperature == 1.0 else part / temperature) - part_noise).argmax(-1)
                           for part, part_noise in zip(parts, noise.split([part.shape[-1] for part in parts], dim=-1))]
             log_q = sum(part.gather(-1, c[..., None]).squeeze(-1) for part, c in zip(parts, chosen))
-            log_q_tempered = log_q if temperature == 1.0 else sum(
+            log_q_tempered = log_q if temperature == 1.0 or not return_proposal else sum(
                 torch.log_softmax(part / temperature, dim=-1).gather(-1, c[..., None]).squeeze(-1)
                 for part, c in zip(parts, chosen))
             return self.code_transformer.codes_from_coordinates(chosen), log_q, log_q_tempered
