@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tokenizer  # noqa: F401  (registers the Auto classes)
 from tokenizer import DapsConfig, DapsModel
@@ -279,11 +280,44 @@ def test_factorized_code_head_is_an_exact_product_of_coordinate_softmaxes(encode
     assert torch.equal(loaded.encode(x).codes, greedy)
 
 
+@pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
+def test_ordinal_code_head_is_a_discretised_gaussian_per_coordinate(encoder, tmp_path):
+    """code_head="ordinal": two head outputs (a, b) per lattice coordinate; level i of n gets the logit
+    a·u − softplus(b)·u², u = i − (n − 1)/2, normalised over the coordinate's levels; the code's q is their product,
+    the greedy coordinate the level nearest the Gaussian's mean a / (2 softplus(b)) (clipped to the levels)."""
+    levels = [4, 2, 3]
+    model = make_model("tiny", encoder_type=encoder, codebook_size=24, code_head="ordinal", fsq_levels=levels,
+                       head_initializer_range=0.5)
+    transformer = model.code_transformer
+    assert transformer.factorized and transformer.head.out_features == 2 * len(levels)
+    hidden = torch.randn(5, 3, model.config.hidden_size)
+    raw = transformer.head(transformer.norm(hidden))
+    codes, expected, stride = torch.arange(24), torch.zeros(5, 3, 24), 1
+    for d, level in enumerate(levels):
+        a, b = raw[..., d], F.softplus(raw[..., len(levels) + d])
+        u = torch.arange(level) - (level - 1) / 2
+        part = (a[..., None] * u - b[..., None] * u**2).log_softmax(-1)
+        expected += part[..., (codes // stride) % level]
+        stride *= level
+        mean = (a / (2 * b)).clamp(u[0], u[-1])
+        nearest = (mean[..., None] - u).abs().argmin(-1)
+        assert torch.equal(transformer.coordinate_log_probs(hidden)[d].argmax(-1), nearest)
+    torch.testing.assert_close(transformer.project(hidden), expected)
+    x = random_images(model.config, 3)
+    out = model.encode(x, num_samples=6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.log_prob, model.log_prob(x, out.codes), atol=1e-5, rtol=1e-5)
+    greedy = model.encode(x).codes
+    model.save_pretrained(tmp_path)
+    loaded = DapsModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.code_head == "ordinal" and torch.equal(loaded.encode(x).codes, greedy)
+
+
+@pytest.mark.parametrize("head", ["factorized", "ordinal"])
 @pytest.mark.parametrize("encoder,levels", [("autoregressive", [4, 2, 2]), ("parallel", [2, 8])])
-def test_factorized_head_samples_each_coordinate_and_follows_q(encoder, levels):
+def test_factorized_head_samples_each_coordinate_and_follows_q(encoder, levels, head):
     """The factorized head draws a code one lattice coordinate at a time: the sampled codes' frequencies must match
     q's V probabilities (a wrong coordinate order would not), and their log q must be the teacher-forced one."""
-    model = make_model("tiny", encoder_type=encoder, num_tokens=4, code_head="factorized", fsq_levels=levels,
+    model = make_model("tiny", encoder_type=encoder, num_tokens=4, code_head=head, fsq_levels=levels,
                        head_initializer_range=0.5)
     x = random_images(model.config, 1)
     out = model.encode(x, num_samples=20000, generator=torch.Generator().manual_seed(0))
@@ -296,11 +330,12 @@ def test_factorized_head_samples_each_coordinate_and_follows_q(encoder, levels):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["factorized", "ordinal"])
 @pytest.mark.parametrize("encoder", ["autoregressive", "parallel"])
-def test_factorized_log_q_from_coordinates_has_the_full_heads_value_and_gradient(encoder):
+def test_factorized_log_q_from_coordinates_has_the_full_heads_value_and_gradient(encoder, head):
     """An update's log q on the factorized head sums coordinate log-probabilities; it must equal the V-wide path's
     (return_log_probs=True) in value and in every parameter's gradient."""
-    model = make_model("tiny", encoder_type=encoder, code_head="factorized", fsq_levels=[4, 2, 2],
+    model = make_model("tiny", encoder_type=encoder, code_head=head, fsq_levels=[4, 2, 2],
                        head_initializer_range=0.5).train()
     x = random_images(model.config, 5)
     codes = model.encode(x, num_samples=3, generator=torch.Generator().manual_seed(1)).codes
@@ -319,13 +354,14 @@ def test_factorized_log_q_from_coordinates_has_the_full_heads_value_and_gradient
         torch.testing.assert_close(grad, full_grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head", ["factorized", "ordinal"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_factorized_sampling_is_gumbel_max_per_coordinate(temperature):
+def test_factorized_sampling_is_gumbel_max_per_coordinate(temperature, head):
     """The factorized head's cached loop, written out plainly: at each position one uniform draw (N, Σ levels) from
     the generator, each coordinate the argmax of its log-softmax / τ − log(−log u) over its own columns, the code
     Σ_d coordinate_d · Π_{e<d} levels_e; log q and the proposal's log-probability (q at τ) summed over tokens."""
     levels = [4, 2, 2]
-    flat, logits = check_cached_draw(temperature, code_head="factorized", fsq_levels=levels)
+    flat, logits = check_cached_draw(temperature, code_head=head, fsq_levels=levels)
     generator = torch.Generator().manual_seed(5)
     for position in range(8):
         uniform = torch.rand(flat.shape[0], sum(levels), generator=generator).clamp(1e-20, 1 - 1e-7)
@@ -450,6 +486,8 @@ def _bad_inputs():
         ("lattice is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="vq", code_embedding_type="lattice"), ValueError, "categorical"),
         ("factorized head is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="vq", code_head="factorized", fsq_levels=[8, 8, 8]), ValueError, "categorical"),
         ("factorized head needs levels", lambda: DapsConfig(code_head="factorized"), ValueError, "fsq_levels"),
+        ("ordinal head is categorical", lambda: DapsConfig(encoder_type="parallel", quantizer="fsq", code_head="ordinal", fsq_levels=[8, 8, 8]), ValueError, "categorical"),
+        ("ordinal head needs levels", lambda: DapsConfig(code_head="ordinal"), ValueError, "fsq_levels"),
         ("unknown code embedding", lambda: DapsConfig(code_embedding_type="random"), ValueError, "code_embedding_type"),
         ("unknown preset", lambda: DapsConfig.from_preset("svhn"), ValueError, "presets"),
         ("unknown likelihood", lambda: DapsConfig(likelihood="laplace"), ValueError, "likelihood"),

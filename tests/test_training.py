@@ -825,7 +825,8 @@ def test_kept_samples_rejects_bad_settings_and_trains_end_to_end(tmp_path):
     assert rows and all(0 < row["kept_weight"] <= 1 for row in rows)
 
 
-@pytest.mark.parametrize("method,head", [("daps", "full"), ("daps", "factorized"), ("gumbel", "factorized")])
+@pytest.mark.parametrize("method,head", [("daps", "full"), ("daps", "factorized"), ("daps", "ordinal"),
+                                         ("gumbel", "factorized")])
 def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path, method, head):
     # --code_embedding lattice: the categorical methods decode through the FSQ baseline's fixed lattice inputs.
     args = resolve_defaults(tiny_args(tmp_path, method=method, code_embedding="lattice", code_head=head, max_steps=4))
@@ -839,7 +840,7 @@ def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path
     lattice = DapsFiniteScalarQuantizer(config.fsq_levels).codes_to_values(codes)
     torch.testing.assert_close(model.embed_codes(codes), lattice, atol=0, rtol=0)
     for bad in (dict(method="fsq", code_embedding="lattice"), dict(method="vq", code_head="factorized"),
-                dict(code_embedding="random"), dict(code_head="tree")):
+                dict(method="fsq", code_head="ordinal"), dict(code_embedding="random"), dict(code_head="tree")):
         with pytest.raises(ValueError, match="code_embedding|code_head"):
             build_config(resolve_defaults(tiny_args(tmp_path, **bad)), image_size=8, num_channels=1)
 

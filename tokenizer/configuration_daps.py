@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 ENCODER_TYPES = ("autoregressive", "parallel")
 QUANTIZERS = ("categorical", "vq", "fsq")
 CODE_EMBEDDING_TYPES = ("learned", "lattice")
-CODE_HEADS = ("full", "factorized")
+CODE_HEADS = ("full", "factorized", "ordinal")
 DECODER_TYPES = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -82,6 +82,10 @@ class DapsConfig(PretrainedConfig):
             "factorized": the code is read as its FSQ-lattice coordinates (`fsq_levels`, mixed radix) and each
             coordinate gets its own softmax (sum(fsq_levels) logits), q(z_t | ·) = Π_d q_d(coordinate d | ·): codes that
             share a coordinate share what the encoder learns about it. Still an exact categorical over V values.
+            "ordinal": as "factorized", but each coordinate's softmax reads its levels as ordered points: two head
+            outputs (a, b) per coordinate give level i the logit a·u_i − softplus(b)·u_i², u_i = i − (levels − 1)/2
+            (a discretised Gaussian over the levels, mean a / (2 softplus(b))), so mass moves between neighbouring
+            levels as an FSQ encoder's value moves along its axis (2·len(fsq_levels) logits per code).
         aligned_patches: also give code token t, as an input added to its embedding, the patch features under its
             cell of the code grid (the patches' near-square grid average-pooled to the tokens' grid). Without it a
             code token sees the image only through cross-attention, and must first learn which patches it owns.
@@ -213,9 +217,10 @@ class DapsConfig(PretrainedConfig):
             raise ValueError(
                 f"code_embedding_type='lattice' embeds categorical codes; quantizer={self.quantizer!r} has its own."
             )
-        if self.code_head == "factorized" and self.quantizer != "categorical":
-            raise ValueError(f"code_head='factorized' is a categorical head; quantizer={self.quantizer!r} has none.")
-        if self.quantizer == "fsq" or self.code_embedding_type == "lattice" or self.code_head == "factorized":
+        if self.code_head in ("factorized", "ordinal") and self.quantizer != "categorical":
+            raise ValueError(f"code_head={self.code_head!r} is a categorical head; quantizer={self.quantizer!r} has "
+                             f"none.")
+        if self.quantizer == "fsq" or self.code_embedding_type == "lattice" or self.code_head != "full":
             if not self.fsq_levels or any(not isinstance(l, int) or l < 2 for l in self.fsq_levels):
                 raise ValueError(f"DapsConfig.fsq_levels must be a list of integers >= 2, got {self.fsq_levels!r}.")
             if math.prod(self.fsq_levels) != self.codebook_size:

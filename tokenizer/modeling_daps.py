@@ -363,10 +363,13 @@ class DapsCodeTransformer(nn.Module):
         )
         self.layers = nn.ModuleList([DapsCodeLayer(config) for _ in range(config.code_layers)])
         self.norm = nn.LayerNorm(config.hidden_size)
-        self.factorized = config.quantizer == "categorical" and config.code_head == "factorized"
+        # The ordinal head is a factorized head whose coordinate logits are a quadratic in the level (two outputs
+        # per coordinate instead of one per level); everything after `coordinate_log_probs` is shared.
+        self.factorized = config.quantizer == "categorical" and config.code_head in ("factorized", "ordinal")
+        self.ordinal = config.quantizer == "categorical" and config.code_head == "ordinal"
         if self.factorized:
             self.levels = list(config.fsq_levels)
-            head_size = sum(self.levels)
+            head_size = 2 * len(self.levels) if self.ordinal else sum(self.levels)
         self.head = nn.Linear(config.hidden_size, head_size)
         if self.factorized:
             # Code c has coordinates (c // basis_d) % levels_d, the first coordinate varying fastest (mixed radix).
@@ -399,6 +402,16 @@ class DapsCodeTransformer(nn.Module):
         (..., levels_d) fp32 tensors. log q of code c is the sum over d of entry (c // bases[d]) % levels[d] of the
         d-th tensor (before any pixel-path logits are added)."""
         output = self.head(self.norm(hidden)).float()
+        if self.ordinal:
+            # Level i of a coordinate with n levels sits at u_i = i − (n − 1)/2; its logit a·u_i − softplus(b)·u_i²
+            # (a, b: the coordinate's two outputs) is a Gaussian's log-density up to a constant, on the levels only.
+            slopes, curvatures = output.split(len(self.levels), dim=-1)
+            curvatures = F.softplus(curvatures)
+            parts = []
+            for d, level in enumerate(self.levels):
+                u = torch.arange(level, device=output.device, dtype=output.dtype) - (level - 1) / 2
+                parts.append(torch.log_softmax(slopes[..., d, None] * u - curvatures[..., d, None] * u * u, dim=-1))
+            return parts
         return [torch.log_softmax(part, dim=-1) for part in output.split(self.levels, dim=-1)]
 
     def codes_from_coordinates(self, coordinates: list[torch.Tensor]) -> torch.Tensor:

@@ -178,8 +178,9 @@ class TrainArguments:
                                 "decoder: 'learned' (a free vector per code) or 'lattice' (the fixed point of the FSQ "
                                 "lattice --fsq_levels whose index is the code: the FSQ baseline's decoder input). "
                                 "Default: lattice for daps and daps-na with the mnist preset, else learned."})
-    code_head: str | None = field(default=None, metadata={"help": "Categorical methods: 'full' (V logits per code) or "
-                           "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels). "
+    code_head: str | None = field(default=None, metadata={"help": "Categorical methods: 'full' (V logits per code), "
+                           "'factorized' (one softmax per coordinate of the code's FSQ-lattice point, --fsq_levels) or "
+                           "'ordinal' (the same, each coordinate's logits a quadratic in its level: two per coordinate). "
                            "Default: factorized for daps and daps-na with the mnist preset, else full."})
     pixel_paths: bool | None = field(default=None, metadata={"help": "Categorical methods: linear paths between a "
                                      "code and the pixels of its own patch (a pixel head on the encoder's logits, a "

@@ -90,11 +90,12 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["quantizer"] = "vq"
     if code_embedding not in ("learned", "lattice"):
         raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {code_embedding!r}.")
-    if code_head not in ("full", "factorized"):
-        raise ValueError(f"--code_head must be 'full' or 'factorized', got {code_head!r}.")
-    lattice, factorized = code_embedding == "lattice", code_head == "factorized"
+    if code_head not in ("full", "factorized", "ordinal"):
+        raise ValueError(f"--code_head must be 'full', 'factorized' or 'ordinal', got {code_head!r}.")
+    lattice, factorized = code_embedding == "lattice", code_head in ("factorized", "ordinal")
     if (lattice or factorized) and args.method in ("vq", "fsq"):
-        raise ValueError(f"--code_embedding lattice and --code_head factorized are for the categorical methods; "
+        raise ValueError(f"--code_embedding lattice and --code_head factorized or ordinal are for the categorical "
+                         f"methods; "
                          f"{args.method} has its own codes.")
     if args.method == "fsq" or lattice or factorized:
         codebook_size = changes.get("codebook_size", config.codebook_size)
@@ -110,7 +111,7 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         if lattice:
             changes["code_embedding_type"] = "lattice"
         if factorized:
-            changes["code_head"] = "factorized"
+            changes["code_head"] = code_head
         if math.prod(levels) != codebook_size:
             notes.append(f"codebook_size {codebook_size} → {math.prod(levels)} (lattice levels {levels})")
     for key, value in parse_config_overrides(args.config_overrides).items():
