@@ -846,14 +846,16 @@ def test_lattice_code_embedding_trains_end_to_end_and_keeps_the_lattice(tmp_path
 
 
 def test_daps_on_the_mnist_preset_defaults_to_the_lattice_input_and_factorized_head(tmp_path):
-    # The preset's choice (benchmarks/RESULTS.md, "Twenty-second and twenty-third sessions"): daps and daps-na on
-    # mnist only, flags still win.
-    for method in ("daps", "daps-na"):
+    # The preset's choice (benchmarks/RESULTS.md, "Twenty-second and twenty-third sessions", "Thirtieth session"):
+    # daps and daps-na on mnist only, daps with the ordinal head; flags still win.
+    for method, head in (("daps", "ordinal"), ("daps-na", "factorized")):
         args = resolve_defaults(TrainArguments(dataset="mnist-5k", method=method))
-        assert (args.code_embedding, args.code_head) == ("lattice", "factorized"), method
+        assert (args.code_embedding, args.code_head) == ("lattice", head), method
         config, _ = build_config(args, image_size=28, num_channels=1)
-        assert config.code_embedding_type == "lattice" and config.code_head == "factorized", method
+        assert config.code_embedding_type == "lattice" and config.code_head == head, method
         assert config.fsq_levels == [4, 4, 4, 4] and config.codebook_size == 256, method
+    chosen = resolve_defaults(TrainArguments(dataset="mnist-5k", code_head="factorized"))
+    assert build_config(chosen, image_size=28, num_channels=1)[0].code_head == "factorized"
     for other in (dict(method="gumbel"), dict(method="gumbel-na"), dict(dataset="photo-crops"),
                   dict(dataset="mnist-5k", codebook_size=100)):  # 100 has no default lattice levels
         resolved = resolve_defaults(TrainArguments(**other))
@@ -865,7 +867,7 @@ def test_daps_on_the_mnist_preset_defaults_to_the_lattice_input_and_factorized_h
     explicit = resolve_defaults(TrainArguments(code_embedding="learned", code_head="full"))
     assert (explicit.code_embedding, explicit.code_head) == ("learned", "full")
     levels = resolve_defaults(TrainArguments(codebook_size=100, fsq_levels="5,5,4"))
-    assert (levels.code_embedding, levels.code_head) == ("lattice", "factorized")
+    assert (levels.code_embedding, levels.code_head) == ("lattice", "ordinal")
     # --init_from keeps the saved model's choice, whatever the preset would pick.
     DapsModel(DapsConfig.from_preset("mnist")).save_pretrained(tmp_path / "saved")
     reused = resolve_defaults(TrainArguments(init_from=str(tmp_path / "saved")))

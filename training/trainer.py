@@ -23,8 +23,9 @@ import torch
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 
 from . import objective
-from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DATASET_PRESETS, DEFAULT_WEIGHT_DECAY,
-                        KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS, TrainArguments)
+from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DAPS_ORDINAL_METHODS, DATASET_PRESETS,
+                        DEFAULT_WEIGHT_DECAY, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS,
+                        TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod, decoder_parameters
@@ -206,17 +207,17 @@ def lr_factor(args: TrainArguments, step: int, progress: float) -> float:
 
 def _resolve_code_choices(args: TrainArguments, preset: str) -> tuple[str, str]:
     """--code_embedding and --code_head where they were left to the preset: the saved model's with --init_from (its
-    configuration is kept), the FSQ lattice and the factorised head for daps and daps-na on DAPS_LATTICE_PRESETS when
-    the codebook size has default lattice levels (or --fsq_levels is given), else a learned embedding and the full
-    head."""
+    configuration is kept), the FSQ lattice and a factorised head for daps and daps-na on DAPS_LATTICE_PRESETS when
+    the codebook size has default lattice levels (or --fsq_levels is given; the ordinal head for
+    DAPS_ORDINAL_METHODS, else one softmax per coordinate), else a learned embedding and the full head."""
     if args.init_from and (args.code_embedding is None or args.code_head is None):
         saved = DapsConfig.from_pretrained(args.init_from)
         return (args.code_embedding or saved.code_embedding_type, args.code_head or saved.code_head)
     codebook_size = args.codebook_size or DapsConfig.from_preset(preset).codebook_size
     lattice = (args.method in ("daps", "daps-na") and preset in DAPS_LATTICE_PRESETS
                and (bool(args.fsq_levels) or codebook_size in FSQ_LEVELS))
-    return (args.code_embedding or ("lattice" if lattice else "learned"),
-            args.code_head or ("factorized" if lattice else "full"))
+    head = ("ordinal" if args.method in DAPS_ORDINAL_METHODS else "factorized") if lattice else "full"
+    return (args.code_embedding or ("lattice" if lattice else "learned"), args.code_head or head)
 
 
 def resolve_defaults(args: TrainArguments) -> TrainArguments:
