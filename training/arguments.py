@@ -45,7 +45,8 @@ DAPS_LATTICE_PRESETS = ("mnist",)
 # Methods whose factorised head on those presets is the ordinal one (--code_head ordinal: each lattice coordinate a
 # discretised Gaussian over its levels; benchmarks/RESULTS.md, "Thirtieth session"): at 10 CPU-minutes on mnist it
 # gained DAPS +0.46, +0.22 and +0.05 dB test PSNR on seeds 0–2 (validation +0.32, +0.22, +0.10), its greedy codes
-# using 99.6–100 % of the codebook (56–99 % before) at 2–6 bits less −ELBO. DAPS-NA read 0.27 dB lower with it (seed 0), so it keeps one softmax per coordinate.
+# using 99.6–100 % of the codebook (56–99 % before) at 2–6 bits less −ELBO. DAPS-NA read 0.27 dB lower with it
+# (seed 0), so it keeps one softmax per coordinate.
 DAPS_ORDINAL_METHODS = ("daps",)
 
 # The preset a dataset gets when none is named; the configuration is then adapted to the images' size and channels.

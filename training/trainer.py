@@ -96,8 +96,7 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
     lattice, factorized = code_embedding == "lattice", code_head in ("factorized", "ordinal")
     if (lattice or factorized) and args.method in ("vq", "fsq"):
         raise ValueError(f"--code_embedding lattice and --code_head factorized or ordinal are for the categorical "
-                         f"methods; "
-                         f"{args.method} has its own codes.")
+                         f"methods; {args.method} has its own codes.")
     if args.method == "fsq" or lattice or factorized:
         codebook_size = changes.get("codebook_size", config.codebook_size)
         if args.fsq_levels:
