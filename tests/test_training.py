@@ -213,7 +213,9 @@ def _train_command(output_dir, max_steps, extra=()):
             "--progress", "false", "--num_threads", "1", *extra]
 
 
-@pytest.mark.parametrize("step", [[], ["--preset", "tiny", "--proposal", "local"]], ids=["sampled", "local"])
+# The local proposal's case takes ~40 s of the default run (which nears its 10-minute limit): run it with -m slow.
+@pytest.mark.parametrize("step", [[], pytest.param(["--preset", "tiny", "--proposal", "local"], marks=pytest.mark.slow)],
+                         ids=["sampled", "local"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, step):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # A decaying learning rate, so that the resumed run must also restore where the schedule was; random flips and
