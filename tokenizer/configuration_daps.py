@@ -217,7 +217,7 @@ class DapsConfig(PretrainedConfig):
             raise ValueError(
                 f"code_embedding_type='lattice' embeds categorical codes; quantizer={self.quantizer!r} has its own."
             )
-        if self.code_head in ("factorized", "ordinal") and self.quantizer != "categorical":
+        if self.code_head != "full" and self.quantizer != "categorical":
             raise ValueError(f"code_head={self.code_head!r} is a categorical head; quantizer={self.quantizer!r} has "
                              f"none.")
         if self.quantizer == "fsq" or self.code_embedding_type == "lattice" or self.code_head != "full":

@@ -365,7 +365,7 @@ class DapsCodeTransformer(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size)
         # The ordinal head is a factorized head whose coordinate logits are a quadratic in the level (two outputs
         # per coordinate instead of one per level); everything after `coordinate_log_probs` is shared.
-        self.factorized = config.quantizer == "categorical" and config.code_head in ("factorized", "ordinal")
+        self.factorized = config.quantizer == "categorical" and config.code_head != "full"
         self.ordinal = config.quantizer == "categorical" and config.code_head == "ordinal"
         if self.factorized:
             self.levels = list(config.fsq_levels)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
+from tokenizer.configuration_daps import CODE_EMBEDDING_TYPES, CODE_HEADS
 
 from . import objective
 from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DAPS_ORDINAL_METHODS, DATASET_PRESETS,
@@ -89,11 +90,11 @@ def build_config(args: TrainArguments, image_size: int, num_channels: int) -> tu
         changes["encoder_type"] = "parallel"
     if args.method == "vq":
         changes["quantizer"] = "vq"
-    if code_embedding not in ("learned", "lattice"):
-        raise ValueError(f"--code_embedding must be 'learned' or 'lattice', got {code_embedding!r}.")
-    if code_head not in ("full", "factorized", "ordinal"):
-        raise ValueError(f"--code_head must be 'full', 'factorized' or 'ordinal', got {code_head!r}.")
-    lattice, factorized = code_embedding == "lattice", code_head in ("factorized", "ordinal")
+    if code_embedding not in CODE_EMBEDDING_TYPES:
+        raise ValueError(f"--code_embedding must be one of {', '.join(CODE_EMBEDDING_TYPES)}, got {code_embedding!r}.")
+    if code_head not in CODE_HEADS:
+        raise ValueError(f"--code_head must be one of {', '.join(CODE_HEADS)}, got {code_head!r}.")
+    lattice, factorized = code_embedding == "lattice", code_head != "full"   # every head but 'full' reads the lattice
     if (lattice or factorized) and args.method in ("vq", "fsq"):
         raise ValueError(f"--code_embedding lattice and --code_head factorized or ordinal are for the categorical "
                          f"methods; {args.method} has its own codes.")
