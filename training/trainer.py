@@ -606,6 +606,22 @@ def train(args: TrainArguments) -> dict:
         model.train()
         return codes
 
+    def clipped_update(loss: torch.Tensor) -> tuple[float, bool]:
+        """After a backward pass: clip the gradients, apply the optimizer's update only if their total norm (before
+        clipping; an infinite bound only measures it) and the loss are finite, zero the gradients. Returns the norm
+        and whether the update was applied."""
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        applied = math.isfinite(norm) and math.isfinite(loss.item())
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def polish_done() -> bool:
+        """Whether the decoder polish has made its --polish_max_steps steps (never, with no cap)."""
+        return bool(polishing["on"] and args.polish_max_steps and step - polish_from >= args.polish_max_steps)
+
     bar = tqdm(total=args.max_steps, initial=step, disable=not (args.progress and accelerator.is_local_main_process),
                desc=f"{args.method} on {args.dataset}", dynamic_ncols=True)
     model.train()
@@ -628,7 +644,7 @@ def train(args: TrainArguments) -> dict:
                     logger.info("Decoder polish from step %d (%.0f%% of the run): encoder frozen, decoder lr %.3g, "
                                 "trained on the encoder's greedy codes", step, 100 * progress_of(step, elapsed),
                                 args.polish_learning_rate)
-        if polishing["on"] and args.polish_max_steps and step - polish_from >= args.polish_max_steps:
+        if polish_done():
             break   # a run resumed after its polish's last step (the check below ends an uninterrupted one)
         started = clock()
         indices = next(sampler)
@@ -664,29 +680,19 @@ def train(args: TrainArguments) -> dict:
                 accelerator.backward(out["loss"])
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    # The total norm before clipping (clipping with an infinite bound only measures it).
-                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                    finite = math.isfinite(grad_norm) and math.isfinite(out["loss"].item())
-                    if finite:
-                        optimizer.step()
+                    grad_norm, applied = clipped_update(out["loss"])
+                    if applied:
                         schedule_progress["value"] = progress_of(step + 1, elapsed + clock() - started)
                         scheduler.step()
                     else:
                         skipped += 1  # a non-finite update is dropped, never applied
-                    optimizer.zero_grad(set_to_none=True)
             for _ in range(args.sample_reuse - 1 if getattr(inner, "replay_ready", False) else 0):
                 # --sample_reuse: more updates on this step's kept samples (time charged to the step).
                 with accelerator.autocast():
                     replayed = method(pixel_values, targets, progress_of(step, elapsed), replay=True)
                 accelerator.backward(replayed["loss"])
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                if math.isfinite(grad_norm) and math.isfinite(replayed["loss"].item()):
-                    optimizer.step()
-                else:
-                    skipped += 1
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, applied = clipped_update(replayed["loss"])
+                skipped += not applied
             for key, value in out.items():
                 value = value.item() if isinstance(value, torch.Tensor) else value
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / args.gradient_accumulation_steps
@@ -696,7 +702,7 @@ def train(args: TrainArguments) -> dict:
         elapsed += clock() - started
         if args.max_time and elapsed >= args.max_time:
             stop = True
-        if polishing["on"] and args.polish_max_steps and step - polish_from >= args.polish_max_steps:
+        if polish_done():
             stop = True   # the polish has made its steps: more would fit the decoder to the training codes only
             if accelerator.is_main_process:
                 logger.info("Decoder polish done after %d steps (--polish_max_steps): the run ends at step %d",
