@@ -920,12 +920,27 @@ class DapsModel(DapsPreTrainedModel):
         log_prob = torch.zeros(b * k, device=memory.device, dtype=torch.promote_types(memory.dtype, torch.float32))
         log_proposal = torch.zeros_like(log_prob)
         previous = torch.full((b * k,), self.config.bos_token_id, dtype=torch.long, device=memory.device)
+
+        def step(previous: torch.Tensor, position: int):
+            if position > 0 or k == 1:
+                return self.code_transformer.step(previous, position, memory_kv, cache, coordinates=by_coordinates)
+            # Position 0 reads only BOS and the image, so an image's K sequences agree there: run it once per image
+            # and repeat its cached keys/values and its outputs K times (sample-major, as the codes are laid out).
+            first = self.code_transformer.new_cache(b, memory)
+            out = self.code_transformer.step(previous[:b], 0, memory_kv, first, coordinates=by_coordinates)
+            for once, repeated in zip(first, cache):
+                repeated.keys[:, :, 0] = once.keys[:, :, 0].repeat_interleave(k, dim=0)
+                repeated.values[:, :, 0] = once.values[:, :, 0].repeat_interleave(k, dim=0)
+            if by_coordinates:
+                return [part.repeat_interleave(k, dim=0) for part in out]
+            return out.repeat_interleave(k, dim=0)
+
         for position in range(length):
             if by_coordinates:
-                parts = self.code_transformer.step(previous, position, memory_kv, cache, coordinates=True)
+                parts = step(previous, position)
                 previous, token_log_prob, token_log_proposal = choose_coordinates(parts)
             else:
-                logits = _at_least_float32(self.code_transformer.step(previous, position, memory_kv, cache))
+                logits = _at_least_float32(step(previous, position))
                 previous = choose(logits)
                 token_log_prob = torch.log_softmax(logits, dim=-1).gather(-1, previous[:, None]).squeeze(-1)
                 token_log_proposal = (token_log_prob if proposal_is_q or not return_proposal
