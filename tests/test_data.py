@@ -413,3 +413,46 @@ def test_augment_images_rotates_and_permutes_channels_per_image():
         augment_images(torch.rand(2, 3, 4, 5), seed=0, step=0, rotate=True)
     with pytest.raises(ValueError, match="more than one channel"):
         augment_images(torch.rand(2, 1, 4, 4), seed=0, step=0, permute_channels=True)
+
+
+def test_augment_images_shifts_each_image_by_a_drawn_offset():
+    from training.data import augment_images
+
+    def moved(image, dy, dx):    # written out: pixel (i, j) reads (i − dy, j − dx), clamped to the image
+        h, w = image.shape[-2:]
+        out = torch.empty_like(image)
+        for i in range(h):
+            for j in range(w):
+                out[:, i, j] = image[:, min(max(i - dy, 0), h - 1), min(max(j - dx, 0), w - 1)]
+        return out
+
+    images = torch.rand(150, 2, 7, 8)
+    out = augment_images(images, seed=2, step=5, shift=2)
+    assert out.shape == images.shape
+    offsets = []
+    for image, result in zip(images, out):
+        matches = [(y, x) for y in range(-2, 3) for x in range(-2, 3) if torch.equal(result, moved(image, y, x))]
+        assert len(matches) == 1                                       # each image is one translation of itself
+        offsets += matches
+    assert set(offsets) == {(y, x) for y in range(-2, 3) for x in range(-2, 3)}   # and every offset is drawn
+    # A lit pixel in the middle of a dark image moves by that offset, alone (content moves by +dy, +dx).
+    dot = torch.zeros(150, 2, 7, 8)                                    # the same shape draws the same offsets
+    dot[:, :, 3, 4] = 1.0
+    where = augment_images(dot, seed=2, step=5, shift=2)[:, 0].flatten(1).argmax(1)
+    assert list(zip((where // 8 - 3).tolist(), (where % 8 - 4).tolist())) == offsets
+    assert torch.equal(out, augment_images(images, seed=2, step=5, shift=2))
+    assert not torch.equal(out, augment_images(images, seed=2, step=6, shift=2))
+    # The border a shift uncovers repeats the edge pixels: a constant image stays constant, a ramp stays a ramp.
+    flat = torch.full((20, 1, 9, 9), 0.7)
+    assert torch.equal(augment_images(flat, seed=0, step=0, shift=3), flat)
+    ramp = torch.arange(9.0).expand(20, 1, 9, 9).contiguous()          # columns 0..8
+    assert bool((augment_images(ramp, seed=0, step=0, shift=3).diff(dim=-1) >= 0).all())
+    # Drawn after the flips: adding the shift leaves each image's flip unchanged.
+    pictures = torch.rand(50, 1, 9, 9)
+    both = augment_images(pictures, seed=1, step=3, flip=True, shift=1)
+    assert torch.equal(both, augment_images(augment_images(pictures, seed=1, step=3, flip=True), seed=1, step=3,
+                                            shift=1))
+    assert torch.equal(augment_images(pictures, seed=1, step=3, shift=0), pictures)
+    for bad in (-1, 9, 1.5, True):
+        with pytest.raises(ValueError, match="shift must be an integer"):
+            augment_images(pictures, seed=0, step=0, shift=bad)

@@ -192,6 +192,22 @@ def test_kmeans_warm_start_is_fitted_to_augmented_images(tmp_path, monkeypatch):
     assert not torch.equal(seen[0], to_model_input(train_images, config))
 
 
+def test_shifted_training_batches_and_the_shift_refusal(tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+    from training.data import augment_images
+
+    seen = []
+    monkeypatch.setattr(trainer_module, "augment_images",
+                        lambda images, *a, **kw: (seen.append(kw["shift"]), augment_images(images, *a, **kw))[1])
+    train(tiny_args(tmp_path / "shifted", max_steps=2, augment_shift=2))
+    assert seen == [2, 2]                                  # every training batch went through the shift
+    args = tiny_args(tmp_path / "bad", max_steps=2)
+    args.augment_shift = 100
+    with pytest.raises(ValueError, match="--augment_shift must be in"):
+        train(args)
+    assert not (tmp_path / "bad" / "run").exists()
+
+
 def test_refuses_to_permute_the_channels_of_grey_images(tmp_path):
     args = tiny_args(tmp_path, max_steps=2)
     args.augment_channels = True

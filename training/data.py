@@ -635,15 +635,18 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def augment_images(images: torch.Tensor, seed: int, step: int, micro: int = 0, *, flip: bool = False,
-                   rotate: bool = False, permute_channels: bool = False) -> torch.Tensor:
+                   rotate: bool = False, permute_channels: bool = False, shift: int = 0) -> torch.Tensor:
     """Random label-free augmentations of a training batch (N, C, H, W) → (N, C, H, W), each drawn per image:
 
     - `flip`: left–right with probability 1/2;
     - `rotate`: by 0, 90, 180 or 270 degrees, each with probability 1/4 (square images only);
-    - `permute_channels`: the colour channels in one of their C! orders, uniformly (C > 1 only).
+    - `permute_channels`: the colour channels in one of their C! orders, uniformly (C > 1 only);
+    - `shift` s > 0: moved by (dy, dx), each uniform in {−s, …, s}, the uncovered border filled with the edge pixels
+      (the background on MNIST-like digits), applied last.
 
     A new draw per (seed, step, micro-batch), the same draw whenever that step is run again, so a resumed run sees
-    the batches it would have seen. The flips are drawn first, so turning the others on leaves them unchanged.
+    the batches it would have seen. The flips are drawn first and the shifts last, so turning one augmentation on
+    leaves the others' draws unchanged.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}.")
@@ -652,10 +655,14 @@ def augment_images(images: torch.Tensor, seed: int, step: int, micro: int = 0, *
         raise ValueError(f"rotation needs square images, got {height}×{width}.")
     if permute_channels and channels < 2:
         raise ValueError("permuting channels needs more than one channel, got 1.")
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(height, width):
+        raise ValueError(f"shift must be an integer in [0, {min(height, width)}) for {height}×{width} images, "
+                         f"got {shift!r}.")
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
     flips = torch.rand(n, generator=generator) < 0.5
     turns = torch.randint(4, (n,), generator=generator)
     orders = torch.rand(n, channels, generator=generator).argsort(dim=1)
+    offsets = torch.randint(-shift, shift + 1, (n, 2), generator=generator) if shift else None
     out = images
     if flip:
         out = torch.where(flips.to(out.device)[:, None, None, None], out.flip(-1), out)
@@ -666,6 +673,13 @@ def augment_images(images: torch.Tensor, seed: int, step: int, micro: int = 0, *
             out[chosen] = torch.rot90(out[chosen], k, dims=(-2, -1))
     if permute_channels:
         out = out[torch.arange(n, device=out.device)[:, None], orders.to(out.device)]
+    if offsets is not None:
+        # Content moves by (dy, dx): output pixel (i, j) reads input (i − dy, j − dx), clamped to the image (the
+        # edge pixels repeated), through one gather of row and column indices per image.
+        rows = (torch.arange(height)[None] - offsets[:, :1]).clamp(0, height - 1).to(out.device)       # (N, H)
+        columns = (torch.arange(width)[None] - offsets[:, 1:]).clamp(0, width - 1).to(out.device)    # (N, W)
+        out = out.gather(2, rows[:, None, :, None].expand(n, channels, height, width))
+        out = out.gather(3, columns[:, None, None, :].expand(n, channels, height, width))
     return out
 
 

@@ -423,7 +423,10 @@ def train(args: TrainArguments) -> dict:
         raise ValueError(f"--augment_channels permutes colour channels; {args.dataset} has one channel.")
     if args.augment_rotate and tuple(splits.train.shape[-2:]) != (config.image_size, config.image_size):
         raise ValueError(f"--augment_rotate needs square images, got {tuple(splits.train.shape[-2:])}.")
-    augment = args.augment_flip or args.augment_rotate or args.augment_channels
+    if isinstance(args.augment_shift, bool) or not 0 <= args.augment_shift < min(splits.train.shape[-2:]):
+        raise ValueError(f"--augment_shift must be in [0, {min(splits.train.shape[-2:])}) pixels for "
+                         f"{args.dataset}'s {tuple(splits.train.shape[-2:])} images, got {args.augment_shift}.")
+    augment = args.augment_flip or args.augment_rotate or args.augment_channels or args.augment_shift > 0
     processor = DapsImageProcessor.from_model_config(config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -566,7 +569,7 @@ def train(args: TrainArguments) -> dict:
         # draw no training step makes): it stands for the images the loop will train on.
         kmeans_images = splits.train if not augment else augment_images(
             splits.train, args.seed, -1, flip=args.augment_flip, rotate=args.augment_rotate,
-            permute_channels=args.augment_channels)
+            permute_channels=args.augment_channels, shift=args.augment_shift)
         inner.fit_warm_start(to_model_input(kmeans_images, config), seed=args.seed)
         elapsed += clock() - started
         if accelerator.is_main_process:
@@ -655,7 +658,8 @@ def train(args: TrainArguments) -> dict:
             images = splits.train[chunk]
             if augment:
                 images = augment_images(images, args.seed, step, micro, flip=args.augment_flip,
-                                        rotate=args.augment_rotate, permute_channels=args.augment_channels)
+                                        rotate=args.augment_rotate, permute_channels=args.augment_channels,
+                                        shift=args.augment_shift)
             pixel_values = to_model_input(images, config).to(accelerator.device)
             if config.likelihood == "bernoulli" and args.bernoulli_targets == "sampled":
                 targets = binarize(images, generator=binarize_generator).to(accelerator.device)
