@@ -201,6 +201,13 @@ def test_shifted_training_batches_and_the_shift_refusal(tmp_path, monkeypatch):
                         lambda images, *a, **kw: (seen.append(kw["shift"]), augment_images(images, *a, **kw))[1])
     train(tiny_args(tmp_path / "shifted", max_steps=2, augment_shift=2))
     assert seen == [2, 2]                                  # every training batch went through the shift
+    # Shifts of 2 pixels are the default on mnist-5k only (the mnist preset also serves 8 × 8 digits), for every
+    # method; an explicit value wins.
+    for method in ("daps", "fsq", "vq"):
+        assert resolve_defaults(TrainArguments(dataset="mnist-5k", method=method)).augment_shift == 2
+    assert resolve_defaults(TrainArguments(dataset="digits")).augment_shift == 0
+    assert resolve_defaults(TrainArguments(dataset="photo-crops")).augment_shift == 0
+    assert resolve_defaults(TrainArguments(dataset="mnist-5k", augment_shift=0)).augment_shift == 0
     args = tiny_args(tmp_path / "bad", max_steps=2)
     args.augment_shift = 100
     with pytest.raises(ValueError, match="--augment_shift must be in"):

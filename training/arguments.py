@@ -33,6 +33,10 @@ USAGE_WEIGHTS = {"mnist": 0.0, "cifar": 0.3, "imagenet": 0.3, "tiny": 0.0}
 # 1e-4 gained test PSNR at 10 CPU-minutes for each method measured: DAPS +0.36 dB (three seeds), DAPS-NA +0.33, FSQ
 # +0.45, VQ +0.79 (two seeds each), Gumbel-softmax +0.25 (one seed). Every method gets it, the baselines included.
 WEIGHT_DECAYS = {"mnist": 0.1}
+# Random shifts by default, per dataset (not per preset: the mnist preset also serves 8 × 8 digits, where 2 pixels
+# is a quarter of the image). On mnist-5k at 30 CPU-minutes they lifted FSQ by 1.2 dB and DAPS by 0.55 (benchmarks/
+# RESULTS.md, "Thirty-second session").
+AUGMENT_SHIFTS = {"mnist-5k": 2}
 DEFAULT_WEIGHT_DECAY = 1e-4
 
 # Presets where the codes of daps and daps-na enter the decoder as FSQ lattice points and the code head is factorised
@@ -240,9 +244,10 @@ class TrainArguments:
                                  "of 90 degrees (square images; drawn like the flips). Off by default."})
     augment_channels: bool = field(default=False, metadata={"help": "Put each training image's colour channels in a "
                                    "random order (colour images; drawn like the flips). Off by default."})
-    augment_shift: int = field(default=0, metadata={"help": "Move each training image by up to N pixels along each "
-                               "axis (uniform in -N..N, edge pixels fill the border; drawn like the flips), against "
-                               "overfitting small datasets such as mnist-5k. 0 (default): off."})
+    augment_shift: int | None = field(default=None, metadata={"help": "Move each training image by up to N pixels "
+                                      "along each axis (uniform in -N..N, edge pixels fill the border; drawn like the "
+                                      "flips), for every method alike, against overfitting a small dataset. 0: off. "
+                                      "Auto: 2 on mnist-5k, else 0."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and sampling."})
     mixed_precision: str = field(default="no", metadata={"help": "'no' (fp32) or 'bf16' (autocast; sampling stays fp32)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})

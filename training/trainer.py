@@ -25,7 +25,7 @@ from tokenizer.configuration_daps import CODE_EMBEDDING_TYPES, CODE_HEADS
 
 from . import objective
 from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DAPS_ORDINAL_METHODS, DATASET_PRESETS,
-                        DEFAULT_WEIGHT_DECAY, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS,
+                        AUGMENT_SHIFTS, DEFAULT_WEIGHT_DECAY, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS,
                         TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
@@ -297,6 +297,7 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         usage_weight=usage_weight,
         weight_decay=args.weight_decay if args.weight_decay is not None
         else WEIGHT_DECAYS.get(preset, DEFAULT_WEIGHT_DECAY),
+        augment_shift=args.augment_shift if args.augment_shift is not None else AUGMENT_SHIFTS.get(args.dataset, 0),
         head_initializer_range=head_initializer_range,
         beta_start=args.beta_start if args.beta_start is not None else beta_start,
         beta_end=args.beta_end if args.beta_end is not None else beta_end,
