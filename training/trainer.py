@@ -24,9 +24,9 @@ from tokenizer import DapsConfig, DapsImageProcessor, DapsModel
 from tokenizer.configuration_daps import CODE_EMBEDDING_TYPES, CODE_HEADS
 
 from . import objective
-from .arguments import (BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DAPS_ORDINAL_METHODS, DATASET_PRESETS,
-                        AUGMENT_SHIFTS, DEFAULT_WEIGHT_DECAY, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS, WEIGHT_DECAYS,
-                        TrainArguments)
+from .arguments import (AUGMENT_SHIFTS, BETA_SCHEDULES, DAPS_BETA_ENDS, DAPS_LATTICE_PRESETS, DAPS_ORDINAL_METHODS,
+                        DATASET_PRESETS, DEFAULT_WEIGHT_DECAY, KMEANS_START_PRESETS, METHODS, USAGE_WEIGHTS,
+                        WEIGHT_DECAYS, TrainArguments)
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_json_atomic
 from .data import EpochSampler, binarize, binarize_fixed, augment_images, load_image_splits
 from .methods import DapsMethod, FsqMethod, GumbelMethod, VqMethod, decoder_parameters
