@@ -208,6 +208,9 @@ def test_shifted_training_batches_and_the_shift_refusal(tmp_path, monkeypatch):
     assert resolve_defaults(TrainArguments(dataset="digits")).augment_shift == 0
     assert resolve_defaults(TrainArguments(dataset="photo-crops")).augment_shift == 0
     assert resolve_defaults(TrainArguments(dataset="mnist-5k", augment_shift=0)).augment_shift == 0
+    for bad in (-1, 1.5, True):            # refused before any data is loaded
+        with pytest.raises(ValueError, match="--augment_shift must be a whole number"):
+            resolve_defaults(TrainArguments(augment_shift=bad))
     args = tiny_args(tmp_path / "bad", max_steps=2)
     args.augment_shift = 100
     with pytest.raises(ValueError, match="--augment_shift must be in"):

@@ -268,6 +268,9 @@ def resolve_defaults(args: TrainArguments) -> TrainArguments:
         raise ValueError(f"--ess_target (ρ) must be in (0, 1], got {args.ess_target}.")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}.")
+    if args.augment_shift is not None and (isinstance(args.augment_shift, bool)
+                                           or not isinstance(args.augment_shift, int) or args.augment_shift < 0):
+        raise ValueError(f"--augment_shift must be a whole number of pixels >= 0, got {args.augment_shift!r}.")
     if args.load_best_model_at_end and args.eval_every <= 0:
         raise ValueError("--load_best_model_at_end chooses among the periodic evaluations: give --eval_every > 0.")
     preset = args.preset or DATASET_PRESETS.get(args.dataset, "cifar")
