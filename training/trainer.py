@@ -427,7 +427,7 @@ def train(args: TrainArguments) -> dict:
         raise ValueError(f"--augment_channels permutes colour channels; {args.dataset} has one channel.")
     if args.augment_rotate and tuple(splits.train.shape[-2:]) != (config.image_size, config.image_size):
         raise ValueError(f"--augment_rotate needs square images, got {tuple(splits.train.shape[-2:])}.")
-    if isinstance(args.augment_shift, bool) or not 0 <= args.augment_shift < min(splits.train.shape[-2:]):
+    if args.augment_shift >= min(splits.train.shape[-2:]):     # its type and sign: checked in resolve_defaults
         raise ValueError(f"--augment_shift must be in [0, {min(splits.train.shape[-2:])}) pixels for "
                          f"{args.dataset}'s {tuple(splits.train.shape[-2:])} images, got {args.augment_shift}.")
     augment = args.augment_flip or args.augment_rotate or args.augment_channels or args.augment_shift > 0
